@@ -1,0 +1,63 @@
+"""Adapter files in PEFT's layout, written atomically and read with safetensors only.
+
+A folder holds `adapter_config.json` and `adapter_model.safetensors` (metadata
+`{"format": "pt"}`, keys like `base_model.model.<module path>.lora_A.weight`). Each file is
+written to a temporary name in the same folder, flushed to disk and renamed over the old one, so
+a crash mid-save leaves the previous file intact. Pickled `adapter_model.bin` files are refused:
+loading a pickle can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    _atomic_write(path, write)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Save contiguous CPU copies of `tensors` as safetensors (`{"format": "pt"}`), atomically."""
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+
+
+def load_tensors(directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """Read `adapter_model.safetensors` from `directory`; never unpickle."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        return load_file(path, device=str(device))
+    if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+        raise ValueError(
+            f"{directory!s} holds only a pickled adapter_model.bin, which peftkit refuses to load "
+            "(unpickling can run code). Re-save it with PEFT's save_pretrained(..., "
+            "safe_serialization=True) to get adapter_model.safetensors."
+        )
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!s}")

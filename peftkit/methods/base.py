@@ -1,0 +1,154 @@
+"""The protocol every method implements, and the method registry.
+
+A method injects `AdapterLayer`s into a model. Each layer holds its adapters in dicts keyed by
+adapter name, so adding, switching, disabling, merging and deleting adapters is one mechanism
+shared by all methods. Each layer also names its own tensors for adapter files: the on-disk key is
+`base_model.model.<layer path>.<local key>`, exactly PEFT's. Trainable parameters are the tensors
+layers return from `adapter_tensors` (plus a method's `extra_tensors`), never guessed from names.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..config import PeftConfig
+
+
+class AdapterLayer(nn.Module):
+    """A module that holds adapters by name and applies the active, enabled ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """`{local on-disk key: parameter}` of adapter `name` in this layer."""
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def set_adapter(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} adapters cannot be folded into the base weights"
+        )
+
+    def unmerge(self) -> None:
+        """Undo `merge`; a no-op when nothing is merged."""
+
+    def unwrap(self, merge: bool) -> nn.Module:
+        """The plain module that replaces this layer in `unload`/`merge_and_unload`."""
+        raise NotImplementedError
+
+
+class ModulesToSaveWrapper(AdapterLayer):
+    """A full trainable copy of a module per adapter (PEFT's `modules_to_save`).
+
+    The copy of adapter `name` lives at `modules_to_save.<name>`; on disk its tensors keep the
+    module's own keys (`<path>.weight`), as in PEFT.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+
+    def add(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        return dict(self.modules_to_save[name].named_parameters())
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+
+    def _current(self) -> nn.Module:
+        if self.disabled or not self.active_adapters:
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        """Nothing to fold: the active copy already is the module."""
+
+    def unwrap(self, merge: bool) -> nn.Module:
+        return self._current() if merge else self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._current(), name)
+
+
+class Method:
+    """What a PEFT method supplies: its config class and how to inject adapter `name`."""
+
+    config_cls: type["PeftConfig"]
+
+    def inject(self, model: nn.Module, config: "PeftConfig", name: str,
+               autocast_adapter_dtype: bool = True) -> None:
+        """Add adapter `name` to `model` in place (wrapping or hooking modules). New tensors are
+        fp32 when `autocast_adapter_dtype`, else in the base model's float dtype."""
+        raise NotImplementedError
+
+    def extra_tensors(self, model: nn.Module, config: "PeftConfig") -> dict[str, nn.Parameter]:
+        """Trainable tensors of the base model that belong to the adapter (e.g. LoRA biases)."""
+        return {}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.config_cls.PEFT_TYPE.value] = method
+    return method
+
+
+def method_for(config: "PeftConfig") -> Method:
+    try:
+        return METHODS[config.peft_type.value]
+    except KeyError:
+        raise ValueError(f"no peftkit method is registered for {config.peft_type.value}") from None
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def add_modules_to_save(model: nn.Module, names: list[str] | None, adapter: str) -> None:
+    """Wrap each module whose path equals or ends with `.<entry>` and give it a copy for `adapter`."""
+    from .. import targets
+
+    for path, module in list(model.named_modules()):
+        if not names or not targets.matches_list(path, names):
+            continue
+        if not isinstance(module, ModulesToSaveWrapper):
+            if isinstance(module, AdapterLayer):
+                continue
+            module = ModulesToSaveWrapper(module)
+            replace_module(model, path, module)
+        module.add(adapter)

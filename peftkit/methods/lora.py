@@ -1,0 +1,328 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685); rsLoRA scaling from
+Kalajdzievski, 2023 (arXiv:2312.03732).
+
+A frozen linear map W0 (out_features x in_features) gets a trainable low-rank update:
+
+    W = W0 + scaling * B @ A,   A: (r, in_features),  B: (out_features, r),
+    scaling = lora_alpha / r          (rsLoRA: lora_alpha / sqrt(r))
+
+           x (..., in)
+           |---------------------------.
+           v                           v
+      base_layer(x)             dropout -> A -> B -> * scaling
+           |                           |
+           '------------(+)------------'
+                         v
+                    y (..., out)
+
+Default init (`init_lora_weights=True`): A kaiming-uniform with a = sqrt(5) and B = 0, so the model
+is unchanged at injection; `"gaussian"`: A ~ N(0, 1/r); `False`: nn.Linear's default init for both.
+GPT-2's `Conv1D` stores its weight as (in, out): there `fan_in_fan_out` is forced true and only the
+delta is transposed when merging; A and B keep the shapes above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .. import targets
+from ..config import PeftConfig, PeftType, check, register_config
+from .base import (AdapterLayer, Method, ModulesToSaveWrapper, add_modules_to_save,
+                   register_method, replace_module)
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+# PEFT's defaults for models whose config names no target_modules.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+}
+
+
+@register_config
+@dataclasses.dataclass
+class LoraConfig(PeftConfig):
+    """LoRA hyper-parameters, with Hugging Face PEFT's names, defaults and JSON layout."""
+
+    PEFT_TYPE = PeftType.LORA
+    UNSUPPORTED_DEFAULTS = {
+        "use_dora": False,
+        "lora_bias": False,
+        "use_qalora": False,
+        "qalora_group_size": 16,
+        "layer_replication": None,
+        "loftq_config": {},
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "alora_invocation_tokens": None,
+        "ensure_weight_tying": False,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+    }
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    init_lora_weights: bool | str = True
+    use_rslora: bool = False
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                value = list(value)
+                setattr(self, name, value)
+            ok = value is None or isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            )
+            check(ok, name, f"expected a list of module names or a regex string, got {value!r}")
+        check(not isinstance(self.modules_to_save, str), "modules_to_save", "expected a list")
+        check(_is_pos_int(self.r), "r", f"the rank must be a positive integer, got {self.r!r}")
+        check(_is_pos_num(self.lora_alpha), "lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
+        check(
+            isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
+            "lora_dropout",
+            f"must be in [0, 1), got {self.lora_dropout!r}",
+        )
+        check(self.bias in BIAS_MODES, "bias", f"must be one of {BIAS_MODES}, got {self.bias!r}")
+        check(
+            self.init_lora_weights in (True, False, "gaussian")
+            and isinstance(self.init_lora_weights, (bool, str)),
+            "init_lora_weights",
+            f"must be True, False or 'gaussian', got {self.init_lora_weights!r}",
+        )
+        for name in ("fan_in_fan_out", "use_rslora"):
+            check(isinstance(getattr(self, name), bool), name, "must be True or False")
+        layers = self.layers_to_transform
+        check(
+            layers is None
+            or _is_index(layers)
+            or (isinstance(layers, list) and all(_is_index(i) for i in layers)),
+            "layers_to_transform",
+            f"expected a layer index or a list of them, got {layers!r}",
+        )
+        for name, valid in (("rank_pattern", _is_pos_int), ("alpha_pattern", _is_pos_num)):
+            pattern = getattr(self, name)
+            check(isinstance(pattern, dict), name, "expected a dict {module regex: value}")
+            bad = {k: v for k, v in pattern.items() if not valid(v)}
+            check(not bad, name, f"values must be positive, got {bad}")
+
+    def scaling_for(self, path: str) -> tuple[int, float, float]:
+        """(r, alpha, scaling) of the module at `path`, after rank_pattern / alpha_pattern."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, path), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, path), self.lora_alpha)
+        return r, alpha, alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_pos_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _pattern_key(patterns: dict[str, Any], path: str) -> str:
+    """PEFT's rule: the first pattern p with `(.*\\.)?(p)$` matching the module path."""
+    return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", path)), path)
+
+
+class LoraLinear(AdapterLayer):
+    """Wraps a linear layer (`nn.Linear`, `Conv1D`, or a k-bit linear) with named LoRA adapters.
+
+    In memory the keys are PEFT's: `<path>.base_layer.weight`, `<path>.lora_A.<name>.weight`.
+    Input x: (..., in_features); output: (..., out_features) in the base layer's dtype.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def add(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
+            init: bool | str, dtype: torch.dtype) -> None:
+        device = self.base_layer.weight.device
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
+        if init is not False:
+            if init is True:
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            nn.init.zeros_(self.lora_B[name].weight)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            del d[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B @ A in the base weight's layout ((in, out) for Conv1D), fp32."""
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        delta = (b @ a) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        weight = self.base_layer.weight
+        for name in names:
+            if name not in self.lora_A or name in self.merged_adapters:
+                continue
+            merged = weight.data.float() + self.delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
+            weight.data.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data.copy_((weight.data.float() - self.delta_weight(name)).to(weight.dtype))
+
+    def set_disabled(self, disabled: bool) -> None:
+        if disabled:
+            self.unmerge()
+        self.disabled = disabled
+
+    def unwrap(self, merge: bool) -> nn.Module:
+        if not merge:
+            self.unmerge()
+        return self.base_layer
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        out = y
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            lora_a = self.lora_A[name]
+            h = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+            out = out + self.lora_B[name](lora_a(h)) * self.scaling[name]
+        return out.to(y.dtype)
+
+
+class LoraMethod(Method):
+    config_cls = LoraConfig
+
+    def inject(self, model: nn.Module, config: LoraConfig, name: str,
+               autocast_adapter_dtype: bool = True) -> None:
+        if config.target_modules is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            if model_type not in DEFAULT_TARGETS:
+                raise ValueError(
+                    f"target_modules is not set and peftkit has no default for model_type "
+                    f"{model_type!r}; pass target_modules=[...] or 'all-linear'"
+                )
+            config.target_modules = list(DEFAULT_TARGETS[model_type])
+        paths = targets.find_targets(model, config)
+        modules = dict(targets.named_modules(model))
+        is_conv1d = [isinstance(modules[p], Conv1D) for p in paths]
+        if any(is_conv1d) != config.fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out={config.fan_in_fan_out} does not fit the targeted "
+                f"{'Conv1D' if any(is_conv1d) else 'nn.Linear'} layers; setting it to "
+                f"{any(is_conv1d)}",
+                stacklevel=3,
+            )
+            config.fan_in_fan_out = any(is_conv1d)
+        for path in paths:
+            layer = model.get_submodule(path)
+            if not isinstance(layer, LoraLinear):
+                layer = LoraLinear(layer)
+                replace_module(model, path, layer)
+            r, alpha, scaling = config.scaling_for(path)
+            layer.add(name, r, alpha, scaling, config.lora_dropout, config.init_lora_weights,
+                      _adapter_dtype(layer.base_layer, autocast_adapter_dtype))
+        add_modules_to_save(model, config.modules_to_save, name)
+
+    def extra_tensors(self, model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:
+        if config.bias == "lora_only":
+            return {
+                f"{path}.base_layer.bias": m.base_layer.bias
+                for path, m in model.named_modules()
+                if isinstance(m, LoraLinear) and m.base_layer.bias is not None
+            }
+        if config.bias == "all":
+            wrapped = [p + "." for p, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+            return {
+                n: p
+                for n, p in model.named_parameters()
+                if n.rsplit(".", 1)[-1] == "bias" and not any(n.startswith(w) for w in wrapped)
+            }
+        return {}
+
+
+def _adapter_dtype(base_layer: nn.Module, autocast: bool) -> torch.dtype:
+    """fp32 adapters by default (PEFT's autocast_adapter_dtype); else the base's float dtype."""
+    dtype = base_layer.weight.dtype
+    if autocast or not dtype.is_floating_point:
+        return torch.float32
+    return dtype
+
+
+register_method(LoraMethod())

@@ -1,0 +1,279 @@
+"""`PeftModel`: a thin, method-agnostic wrapper around a transformers model.
+
+The wrapped model sits at `peft_model.base_model.model`, so parameter names and adapter-file keys
+are PEFT's (`base_model.model.<module path>...`). Everything a method knows lives in its module
+(`peftkit.methods.*`); this class only asks the injected `AdapterLayer`s to switch, disable,
+merge, unload or hand over their tensors, and reads and writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import PeftConfig
+from .methods.base import AdapterLayer, method_for, replace_module
+
+PREFIX = "base_model.model."
+
+
+class TunedModel(nn.Module):
+    """Holds the adapted transformers model as `.model` and forwards to it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A transformers model with named adapters; one adapter is active at a time.
+
+    Forward, `generate` and unknown attributes pass through to the wrapped model. Only the active
+    adapter's tensors are trainable (none when its config has `inference_mode=True`).
+    """
+
+    # transformers' Trainer reads this to accept training a quantized base with adapters on top.
+    _hf_peft_config_loaded = True
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self.base_model = TunedModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        self._autocast_adapter_dtype = autocast_adapter_dtype
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- running ---------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # -- adapters by name ------------------------------------------------------------------
+    def _layers(self) -> Iterator[AdapterLayer]:
+        return (m for m in self.modules() if isinstance(m, AdapterLayer))
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Inject a new adapter; it does not become active (call `set_adapter`)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists; pick another name")
+        model = self.get_base_model()
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        try:
+            method_for(peft_config).inject(model, peft_config, adapter_name,
+                                           autocast_adapter_dtype=self._autocast_adapter_dtype)
+        except Exception:
+            for layer in self._layers():
+                if adapter_name in layer.adapter_names:
+                    layer.delete_adapter(adapter_name)
+            raise
+        self.peft_config[adapter_name] = peft_config
+        for layer in self._layers():
+            layer.set_adapter([self.active_adapter])
+        self._mark_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter {adapter_name!r}; have {sorted(self.peft_config)}")
+        self.active_adapter = adapter_name
+        for layer in self._layers():
+            layer.set_adapter([adapter_name])
+        self._mark_trainable()
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter {adapter_name!r}; have {sorted(self.peft_config)}")
+        if len(self.peft_config) == 1:
+            raise ValueError("cannot delete the only adapter; use unload() to remove it")
+        for layer in self._layers():
+            if adapter_name in layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it the model computes exactly the base model's outputs."""
+        layers = list(self._layers())
+        for layer in layers:
+            layer.set_disabled(True)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.set_disabled(False)
+
+    # -- parameters ------------------------------------------------------------------------
+    def adapter_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """`{PEFT file key: parameter}` for adapter `adapter_name`: the explicit list of what it
+        trains and saves."""
+        out = {
+            f"{path}.{key}": tensor
+            for path, layer in self.named_modules()
+            if isinstance(layer, AdapterLayer) and adapter_name in layer.adapter_names
+            for key, tensor in layer.adapter_tensors(adapter_name).items()
+        }
+        config = self.peft_config[adapter_name]
+        extra = method_for(config).extra_tensors(self.get_base_model(), config)
+        out.update({PREFIX + k: v for k, v in extra.items()})
+        return out
+
+    def _mark_trainable(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if not self.peft_config[self.active_adapter].inference_mode:
+            for p in self.adapter_tensors(self.active_adapter).values():
+                p.requires_grad_(True)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all); a packed 4-bit tensor counts the weights it holds, as in PEFT."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":
+                n *= 2 * p.element_size()
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # -- merging ---------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False):
+        """Fold the adapters (default: the active one) into the base weights; idempotent."""
+        for layer in self._layers():
+            layer.merge(adapter_names or [self.active_adapter], safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool) -> nn.Module:
+        model = self.get_base_model()
+        for path, layer in list(model.named_modules()):
+            if isinstance(layer, AdapterLayer):
+                replace_module(model, path, layer.unwrap(merge))
+        return model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the adapters (default: the active one) and return the plain base model."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        return self._unload(merge=False)
+
+    # -- files -----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        **kwargs) -> None:
+        """Write each adapter as PEFT does: `default` in `save_directory/`, `X` in
+        `save_directory/X/`; weights then config, each file atomically."""
+        if not safe_serialization:
+            warnings.warn("peftkit writes safetensors only; ignoring safe_serialization=False",
+                          stacklevel=2)
+        if not is_main_process:
+            return
+        names = selected_adapters or list(self.peft_config)
+        unknown = sorted(set(names) - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"no adapters {unknown}; have {sorted(self.peft_config)}")
+        for name in names:
+            out = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(out, exist_ok=True)
+            checkpoint.save_tensors(self.adapter_tensors(name),
+                                    os.path.join(out, checkpoint.WEIGHTS_NAME))
+            self.peft_config[name].save_pretrained(out)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike,
+                        adapter_name: str = "default", is_trainable: bool = False,
+                        config: PeftConfig | None = None, autocast_adapter_dtype: bool = True,
+                        **kwargs) -> "PeftModel":
+        """Wrap `model` and load the adapter saved in folder `model_id` (PEFT's or ours)."""
+        config = config or PeftConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
+        peft_model._load_weights(adapter_name, model_id)
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str,
+                     is_trainable: bool = False, **kwargs) -> None:
+        """Add the adapter saved in folder `model_id` under `adapter_name` (not activated)."""
+        config = PeftConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(adapter_name, model_id)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_weights(self, adapter_name: str, directory: str | os.PathLike) -> None:
+        """Copy the file's tensors into adapter `adapter_name`; every key and shape must match."""
+        state = checkpoint.load_tensors(directory)
+        params = self.adapter_tensors(adapter_name)
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter file in {directory!s} does not fit this model and config: "
+                f"missing {len(missing)} keys {missing[:3]}, unexpected {len(unexpected)} keys "
+                f"{unexpected[:3]}. Was it saved from a different base model?"
+            )
+        bad = [(k, tuple(state[k].shape), tuple(p.shape)) for k, p in params.items()
+               if state[k].shape != p.shape]
+        if bad:
+            raise ValueError(f"shape mismatch (key, file, model): {bad[:3]}")
+        with torch.no_grad():
+            for key, p in params.items():
+                p.copy_(state[key].to(p.dtype))
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
+    """Inject `peft_config`'s method into `model` (in place) and wrap it in a `PeftModel`."""
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
