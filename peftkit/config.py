@@ -56,6 +56,8 @@ class PeftConfig:
     PEFT_TYPE: ClassVar[PeftType]
     # PEFT keys this class does not implement, with the value that makes ignoring them safe.
     UNSUPPORTED_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    # Keys PEFT writes as provenance only; they never change what an adapter computes.
+    METADATA_KEYS: ClassVar[frozenset[str]] = frozenset({"auto_mapping", "peft_version"})
 
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
@@ -113,6 +115,8 @@ class PeftConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         for key in sorted(set(data) - names):
             value = data.pop(key)
+            if key in cls.METADATA_KEYS:
+                continue
             if key in cls.UNSUPPORTED_DEFAULTS:
                 if value not in (cls.UNSUPPORTED_DEFAULTS[key], None):
                     raise NotImplementedError(

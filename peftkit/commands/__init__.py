@@ -1,0 +1,1 @@
+"""One module per `peftkit` sub-command; see `peftkit.cli`."""
