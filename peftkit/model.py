@@ -9,6 +9,7 @@ merge, unload or hand over their tensors, and reads and writes the files.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from typing import Iterator
@@ -24,14 +25,20 @@ PREFIX = "base_model.model."
 
 
 class TunedModel(nn.Module):
-    """Holds the adapted transformers model as `.model` and forwards to it."""
+    """Holds the adapted transformers model as `.model`; unknown attributes come from it.
+
+    Calling it runs the model's backbone (`model.base_model`, e.g. `LlamaModel`), which is what
+    transformers-ecosystem code expects of `x.base_model(...)` on a model `x`: TRL's SFTTrainer
+    runs its fused, chunked LM-head loss that way. (In PEFT it would run the whole model; peftkit's
+    `PeftModel.forward` calls `.model` directly.)
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        return self.model.base_model(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -40,6 +47,33 @@ class TunedModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+
+class _BoundForward:
+    """A forward bound to one model that shows the wrapped model's signature to
+    `inspect.signature`, so tools that read argument names (transformers' Trainer drops dataset
+    columns the forward does not accept) see e.g. BERT's `token_type_ids` too."""
+
+    def __init__(self, fn, owner: "PeftModel") -> None:
+        self.fn, self.owner = fn, owner
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.owner.get_base_model().forward)
+
+
+class _WithBaseSignature:
+    """Method decorator: on an instance, bind through `_BoundForward`; on the class, the plain
+    function (whose `labels` argument tells Trainer the label column)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __get__(self, obj, objtype=None):
+        return self.fn if obj is None else _BoundForward(self.fn, obj)
 
 
 class PeftModel(nn.Module):
@@ -71,8 +105,11 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     # -- running ---------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    @_WithBaseSignature
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                **kwargs):
+        return self.base_model.model(input_ids=input_ids, attention_mask=attention_mask,
+                                     inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
     def generate(self, *args, **kwargs):
         return self.get_base_model().generate(*args, **kwargs)
