@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import PeftConfig
+from .config import PeftConfig, TaskType
 from .methods.base import AdapterLayer, method_for, replace_module
 
 PREFIX = "base_model.model."
+CLASSIFIER_HEADS = ("classifier", "score")
 
 
 class TunedModel(nn.Module):
@@ -126,6 +127,10 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists; pick another name")
         model = self.get_base_model()
+        if peft_config.task_type == TaskType.SEQ_CLS and hasattr(peft_config, "modules_to_save"):
+            # As PEFT: a new classification head must train and be saved with the adapter.
+            heads = (peft_config.modules_to_save or []) + list(CLASSIFIER_HEADS)
+            peft_config.modules_to_save = list(dict.fromkeys(heads))
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         try:
@@ -292,6 +297,10 @@ class PeftModel(nn.Module):
     def _load_weights(self, adapter_name: str, directory: str | os.PathLike) -> None:
         """Copy the file's tensors into adapter `adapter_name`; every key and shape must match."""
         state = checkpoint.load_tensors(directory)
+        # PEFT's bias="all" also writes the biases inside modules_to_save wrappers under their
+        # in-memory names: a copy of `<path>.bias` and the frozen original. Nothing to load.
+        state = {k: v for k, v in state.items()
+                 if ".original_module." not in k and ".modules_to_save." not in k}
         params = self.adapter_tensors(adapter_name)
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))

@@ -101,3 +101,23 @@ def test_seed_recipe_line_matches_peft_on_llama_shape():
     ref = peft.get_peft_model(make_model("llama"), peft.LoraConfig(**kw))
     ours = peftkit.get_peft_model(make_model("llama"), peftkit.LoraConfig(**kw))
     assert ref.get_nb_trainable_parameters() == ours.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_sequence_classification_both_ways(bias, tokens, tmp_path):
+    """task_type=SEQ_CLS trains and saves the new classifier head, as PEFT does."""
+    from peftkit.models import tiny_bert
+
+    kw = dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], bias=bias,
+              init_lora_weights=False)
+    ref = peft.get_peft_model(tiny_bert(), peft.LoraConfig(**kw)).eval()
+    ours = peftkit.get_peft_model(tiny_bert(), peftkit.LoraConfig(**kw)).eval()
+    assert ref.get_nb_trainable_parameters() == ours.get_nb_trainable_parameters()
+    perturb_trainable(ref)
+    ref.save_pretrained(tmp_path / "ref")
+    loaded = peftkit.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ref").eval()
+    torch.testing.assert_close(logits(loaded, tokens), logits(ref, tokens), atol=1e-5, rtol=0)
+    perturb_trainable(ours, seed=4)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back, tokens), logits(ours, tokens), atol=1e-5, rtol=0)
