@@ -8,10 +8,10 @@ base model, merges it, and checks that every step gives the same logits.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
+import sys
 import time
 
 import torch
@@ -80,12 +80,8 @@ def exact_match(model, tokenizer, pairs) -> tuple[float, list[str]]:
     return sum(g == c for g, (_, c) in zip(got, pairs)) / len(pairs), got
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--output-dir", default="runs/demo")
-    args = parser.parse_args(argv)
-
+def run_demo(steps: int = 40, output_dir: str = "runs/demo") -> int:
+    """Run the demo; returns 0 when the reloaded and merged models match the trained one."""
     from transformers import Trainer, TrainingArguments
 
     from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -109,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== 2. Before training: exact match {before:.0%} on {len(test)} held-out sentences")
     print(f"   Q: {test[0][0]}\n   A: {before_answers[0]!r}")
 
-    print(f"\n== 3. Fine-tuning for {args.steps} steps (batch 8, lr 1e-3)")
-    targs = TrainingArguments(output_dir=os.path.join(args.output_dir, "trainer"),
-                              max_steps=args.steps, per_device_train_batch_size=8,
+    print(f"\n== 3. Fine-tuning for {steps} steps (batch 8, lr 1e-3)")
+    targs = TrainingArguments(output_dir=os.path.join(output_dir, "trainer"),
+                              max_steps=steps, per_device_train_batch_size=8,
                               learning_rate=1e-3, warmup_steps=4, logging_steps=10,
                               save_strategy="no", report_to=[], use_cpu=True, seed=0)
     start = time.time()
@@ -125,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for (prompt, want), got in list(zip(test, after_answers))[:3]:
         print(f"   Q: {prompt}\n   A: {got}   [{'ok' if got == want else 'expected ' + want}]")
 
-    adapter_dir = os.path.join(args.output_dir, "lora_weights")
+    adapter_dir = os.path.join(output_dir, "lora_weights")
     model.save_pretrained(adapter_dir)
     print(f"\n== 5. Saved {sorted(os.listdir(adapter_dir))} to {adapter_dir}")
 
@@ -144,4 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from peftkit.cli import main
+
+    raise SystemExit(main(["demo", *sys.argv[1:]]))

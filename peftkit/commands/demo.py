@@ -11,6 +11,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from peftkit.demo import main
+    from peftkit.demo import run_demo
 
-    return main(["--steps", str(args.steps), "--output-dir", args.output_dir])
+    return run_demo(steps=args.steps, output_dir=args.output_dir)
