@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "estimate", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,142 @@
+"""`peftkit estimate`: exact trainable parameters and a training memory plan, before training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+LORA_FLAGS = ("r", "lora_alpha", "lora_dropout", "target_modules")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("estimate", help="trainable parameters and a memory plan",
+                              description=__doc__)
+    p.add_argument("--model", required=True,
+                   help="built-in name (e.g. llama-2-7b), a config.json, or a model folder")
+    p.add_argument("--method", default="lora", help="full|lora|qlora|adapter|prompt")
+    p.add_argument("--r", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--target-modules", help="comma-separated names, or all-linear")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other field of the method's config (JSON value), e.g. "
+                        "num_virtual_tokens=20; repeatable")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", "--max-length", dest="seq_len", type=int, default=2048)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                   help="dtype of the frozen weights and of compute")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quant")
+    p.add_argument("--gpu", help="GPU memory, e.g. 24GB or 80GiB: says whether the plan fits")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def options_from(args) -> dict:
+    """Method options from the LoRA flags and `--option KEY=VALUE` (values parsed as JSON)."""
+    out = {}
+    for name in LORA_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            if args.method not in ("lora", "qlora"):
+                raise ValueError(f"--{name.replace('_', '-')} applies to lora and qlora, not "
+                                 f"{args.method}; use --option KEY=VALUE for its options")
+            out[name] = value
+    if isinstance(out.get("target_modules"), str) and out["target_modules"] != "all-linear":
+        out["target_modules"] = [t.strip() for t in out["target_modules"].split(",") if t.strip()]
+    for item in args.option:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: write KEY=VALUE, e.g. num_virtual_tokens=20")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def report(est, gpu: int | None) -> dict:
+    """The estimate as a JSON-ready dict (bytes are ints)."""
+    plan, c = est.plan, est.census
+    a = plan.activations
+    out = {
+        "model": est.model, "method": est.method,
+        "trainable_params": c.trainable, "all_params": c.total,
+        "trainable_percent": round(c.percent, 4),
+        "settings": {"batch_size": est.settings.batch_size, "seq_len": est.settings.seq_len,
+                     "dtype": str(est.settings.dtype).removeprefix("torch."),
+                     "optimizer": est.settings.optimizer,
+                     "gradient_checkpointing": est.settings.checkpointing,
+                     "double_quant": est.settings.double_quant},
+        "bytes": {"weights": plan.weights, "gradients": plan.gradients,
+                  "optimizer_states": plan.optimizer,
+                  "activations": plan.activation_bytes,
+                  "activations_without_checkpointing": a.plain,
+                  "activations_with_checkpointing": a.checkpointed,
+                  "logits": plan.logits, "dequantized_weight": plan.dequant,
+                  "total": plan.total},
+        "activation_formula": "Korthikanti et al. 2022 (arXiv:2205.05198) method; see "
+                              "peftkit/planner/activations.py",
+    }
+    if gpu is not None:
+        out["gpu_bytes"] = gpu
+        out["fits"] = plan.total <= gpu
+    return out
+
+
+def print_report(r: dict) -> None:
+    from ..planner import gib
+
+    b = r["bytes"]
+    s = r["settings"]
+    print(f"{r['model']} + {r['method']}")
+    print(f"trainable params: {r['trainable_params']:,d} || all params: {r['all_params']:,d} || "
+          f"trainable%: {r['trainable_percent']:.4f}")
+    print(f"\nmemory plan: batch {s['batch_size']} x {s['seq_len']} tokens, {s['dtype']}, "
+          f"{s['optimizer']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}")
+    for name, n in b["weights"].items():
+        print(f"  weights {name:<14s} {gib(n):>12s}")
+    rows = [("gradients", b["gradients"]), ("optimizer states", b["optimizer_states"]),
+            ("activations", b["activations"]),
+            ("  without ckpt", b["activations_without_checkpointing"]),
+            ("  with ckpt", b["activations_with_checkpointing"]),
+            ("logits (loss)", b["logits"])]
+    if b["dequantized_weight"]:
+        rows.append(("dequant buffer", b["dequantized_weight"]))
+    for name, n in rows:
+        print(f"  {name:<22s} {gib(n):>12s}")
+    print(f"  {'total (peak)':<22s} {gib(b['total']):>12s}")
+    print(f"  activations: {r['activation_formula']}")
+    if "fits" in r:
+        verdict = "fits" if r["fits"] else "does NOT fit"
+        print(f"\n{verdict} in {gib(r['gpu_bytes'])} "
+              f"({gib(abs(r['gpu_bytes'] - b['total']))} {'free' if r['fits'] else 'short'})")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..planner import Settings, estimate, parse_size
+
+    try:
+        gpu = parse_size(args.gpu) if args.gpu is not None else None
+        for name in ("batch_size", "seq_len"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        settings = Settings(batch_size=args.batch_size, seq_len=args.seq_len,
+                            dtype=getattr(torch, DTYPES[args.dtype]), optimizer=args.optimizer,
+                            checkpointing=args.gradient_checkpointing,
+                            double_quant=not args.no_double_quant)
+        est = estimate(args.model, args.method, options_from(args), settings)
+    except ValueError as err:
+        print(f"peftkit estimate: error: {err}", file=sys.stderr)
+        return 2
+    r = report(est, gpu)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print_report(r)
+    return 0 if r.get("fits", True) else 1

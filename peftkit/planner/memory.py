@@ -1,0 +1,110 @@
+"""The training memory plan: weights, gradients, optimizer states, activations, logits, total.
+
+- weights: frozen base tensors in the compute dtype, or NF4 + constants for QLoRA (`quant`);
+  trainable tensors in their own dtype (LoRA adapters are fp32, PEFT's autocast_adapter_dtype).
+- gradients: one per trainable parameter, in its dtype.
+- optimizer: torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype (8 bytes for fp32);
+  bitsandbytes' 8-bit AdamW keeps two uint8 states with one fp32 absmax per 256 values, and
+  32-bit states for tensors under 4096 values (its `min_8bit_size`).
+- activations: `activations` (Korthikanti et al., 2022), with or without checkpointing.
+- logits: transformers' causal-LM loss upcasts the logits to fp32; at the start of backward the
+  fp32 log-probabilities (saved by log_softmax), their gradient and the logits' gradient are alive:
+  12 * vocab bytes per token, plus the int64 labels.
+- total: weights + optimizer + the larger of (activations + logits + QLoRA's dequantized weight,
+  at the start of backward) and (gradients + one layer's activations, at its end). The fused AdamW
+  step (transformers' default `adamw_torch_fused`) needs no extra memory.
+Not counted: the CUDA context and kernels' workspaces, allocator fragmentation, data batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import quant
+from .activations import Activations, Arch, activations
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    batch_size: int = 1
+    seq_len: int = 2048
+    dtype: torch.dtype = torch.bfloat16
+    optimizer: str = "adamw"
+    checkpointing: bool = False
+    double_quant: bool = True
+    device: str = "cuda"
+
+
+@dataclasses.dataclass
+class Plan:
+    weights: dict[str, int]  # label ("bf16", "fp32", "nf4", "nf4 constants") -> bytes
+    gradients: int
+    optimizer: int
+    activations: Activations
+    checkpointing: bool
+    logits: int
+    dequant: int  # QLoRA: the largest frozen weight dequantized to the compute dtype
+    tokens: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def activation_bytes(self) -> int:
+        a = self.activations
+        return a.checkpointed if self.checkpointing else a.plain
+
+    @property
+    def total(self) -> int:
+        start = self.activation_bytes + self.logits + self.dequant
+        end = self.gradients + self.activations.largest_layer
+        return self.weight_bytes + self.optimizer + max(start, end)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch."))
+
+
+def _adam8bit_bytes(n: int) -> int:
+    if n < 4096:
+        return 8 * n
+    return 2 * (n + 4 * quant.ceil_div(n, 256))
+
+
+def memory_plan(census, model_config, settings: Settings, method_full: bool) -> Plan:
+    """The plan for `census` (a `params.Census`) of `model_config` under `settings`."""
+    e = settings.dtype.itemsize
+    weights: dict[str, int] = {}
+    grads = opt = dequant = 0
+    for t in census.tensors:
+        if t.quantized and not t.trainable:
+            weights["nf4"] = weights.get("nf4", 0) + quant.nf4_bytes(t.numel)
+            key = "nf4 constants"
+            weights[key] = weights.get(key, 0) + quant.nf4_constant_bytes(
+                t.numel, settings.double_quant)
+            dequant = max(dequant, t.numel * e)
+            continue
+        dtype = t.dtype if t.trainable and not method_full else settings.dtype
+        name = _dtype_name(dtype)
+        weights[name] = weights.get(name, 0) + t.numel * dtype.itemsize
+        if t.trainable:
+            grads += t.numel * dtype.itemsize
+            opt += (2 * t.numel * dtype.itemsize if settings.optimizer == "adamw"
+                    else _adam8bit_bytes(t.numel))
+    peft = census.peft_config
+    virtual = getattr(peft, "num_virtual_tokens", 0) if peft is not None and \
+        peft.is_prompt_learning else 0
+    seq = settings.seq_len + virtual
+    tokens = settings.batch_size * seq
+    arch = Arch.of(model_config)
+    acts = activations(arch, e, settings.batch_size, seq, full=method_full,
+                       input_grad=method_full or virtual > 0, lora_sites=census.lora,
+                       device=settings.device)
+    logits = tokens * (12 * arch.vocab + 8)
+    return Plan(weights, grads, opt, acts, settings.checkpointing, logits, dequant, tokens)
