@@ -187,7 +187,7 @@ class PeftModel(nn.Module):
         """`{PEFT file key: parameter}` for adapter `adapter_name`: the explicit list of what it
         trains and saves."""
         out = {
-            f"{path}.{key}": tensor
+            layer.file_key(path, key): tensor
             for path, layer in self.named_modules()
             if isinstance(layer, AdapterLayer) and adapter_name in layer.adapter_names
             for key, tensor in layer.adapter_tensors(adapter_name).items()

@@ -34,6 +34,11 @@ class AdapterLayer(nn.Module):
         """`{local on-disk key: parameter}` of adapter `name` in this layer."""
         raise NotImplementedError
 
+    def file_key(self, path: str, key: str) -> str:
+        """The file key of local key `key` for this layer at `path` (PEFT's rule: the module
+        path, a dot, the local key). A method whose files use global keys overrides it."""
+        return f"{path}.{key}"
+
     def delete_adapter(self, name: str) -> None:
         raise NotImplementedError
 
@@ -51,8 +56,9 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         """Undo `merge`; a no-op when nothing is merged."""
 
-    def unwrap(self, merge: bool) -> nn.Module:
-        """The plain module that replaces this layer in `unload`/`merge_and_unload`."""
+    def unwrap(self, merge: bool) -> nn.Module | None:
+        """The plain module that replaces this layer in `unload`/`merge_and_unload`; None removes
+        the layer (for layers added next to the model's own modules rather than around one)."""
         raise NotImplementedError
 
 
@@ -133,10 +139,14 @@ def method_for(config: "PeftConfig") -> Method:
         raise ValueError(f"no peftkit method is registered for {config.peft_type.value}") from None
 
 
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module | None) -> None:
+    """Put `new` at `path` in `model`; `None` deletes the module there."""
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
+    if new is None:
+        delattr(parent, child)
+    else:
+        setattr(parent, child, new)
 
 
 def add_modules_to_save(model: nn.Module, names: list[str] | None, adapter: str) -> None:

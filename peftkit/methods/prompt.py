@@ -1,0 +1,237 @@
+"""Prompt tuning: Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"
+(arXiv:2104.08691).
+
+A frozen model gets n trainable virtual-token embeddings P: (n, d), prepended to its input
+embeddings. With B the batch, T the input length:
+
+    input_ids (B, T) -> input embeddings E (B, T, d)
+    inputs_embeds   [P expanded to (B, n, d) ; E]        (B, n + T, d)
+    attention_mask  [ones (B, n) ; attention_mask]       (B, n + T)
+    labels          [-100 (B, n) ; labels]               (B, n + T)   token-level labels only
+    position_ids    [0 .. n-1 ; position_ids + n]        (B, n + T)   when given
+    token_type_ids  [zeros (B, n) ; token_type_ids]      (B, n + T)   when given
+
+The model returns outputs for all n + T positions, as PEFT does. The rewrite is a forward pre-hook
+on the wrapped model, so `generate` needs nothing special: the prompt enters on the step that
+starts from an empty KV cache (every step when `use_cache=False`); a step that continues a cache
+only shifts its attention mask and positions by n, since the prompt's keys and values are
+already in the cache.
+
+Init (`prompt_tuning_init`): RANDOM draws P ~ N(0, 1) (nn.Embedding's default); TEXT uses the
+input embeddings of `prompt_tuning_init_text` tokenized with `tokenizer_name_or_path`, repeated
+or cut to n tokens; SAMPLE_VOCAB uses the embeddings of n vocabulary tokens drawn uniformly.
+Files are PEFT's: one tensor `prompt_embeddings` (n, d) and PEFT's config keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig, PeftType, TaskType, check, register_config
+from .base import AdapterLayer, Method, register_method
+
+ATTRIBUTE = "prompt_encoder"  # where the prompt layer sits on the wrapped model
+
+
+class PromptTuningInit(str, enum.Enum):
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+
+@register_config
+@dataclasses.dataclass
+class PromptTuningConfig(PeftConfig):
+    """Prompt tuning with Hugging Face PEFT's keys and defaults.
+
+    `token_dim`, `num_layers`, `num_attention_heads` and `num_transformer_submodules` describe the
+    base model and are filled in from it when left None.
+    """
+
+    PEFT_TYPE = PeftType.PROMPT_TUNING
+    UNSUPPORTED_DEFAULTS = {"modules_to_save": None}
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True
+
+    def validate(self) -> None:
+        check(_is_pos_int(self.num_virtual_tokens), "num_virtual_tokens",
+              f"must be a positive integer, got {self.num_virtual_tokens!r}")
+        for name in ("token_dim", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            check(value is None or _is_pos_int(value), name,
+                  f"must be a positive integer or None, got {value!r}")
+        check(self.num_transformer_submodules in (None, 1), "num_transformer_submodules",
+              f"peftkit prompt-tunes decoder-only and encoder-only models (1 submodule), got "
+              f"{self.num_transformer_submodules!r}")
+        check(self.task_type != TaskType.SEQ_2_SEQ_LM, "task_type",
+              "peftkit does not prompt-tune encoder-decoder models (SEQ_2_SEQ_LM)")
+        try:
+            self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init)
+        except ValueError:
+            raise ValueError(
+                f"prompt_tuning_init: must be one of {[i.value for i in PromptTuningInit]}, got "
+                f"{self.prompt_tuning_init!r}"
+            ) from None
+        text = self.prompt_tuning_init == PromptTuningInit.TEXT
+        if text:
+            check(bool(self.prompt_tuning_init_text), "prompt_tuning_init_text",
+                  "prompt_tuning_init='TEXT' needs the text to initialise the prompt from")
+            check(bool(self.tokenizer_name_or_path), "tokenizer_name_or_path",
+                  "prompt_tuning_init='TEXT' needs a tokenizer (name or folder) for the text")
+        check(text or not self.tokenizer_kwargs, "tokenizer_kwargs",
+              "only used with prompt_tuning_init='TEXT'")
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+class PromptEncoder(AdapterLayer):
+    """The named soft prompts of a model, and the forward pre-hook that prepends the active one.
+
+    `embedding[name].weight`: (n, d). It is saved under PEFT's global key `prompt_embeddings`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.embedding = nn.ModuleDict()
+        self._input_embeddings = [model.get_input_embeddings()]  # a list: not a submodule
+        self._arg_names = list(inspect.signature(model.forward).parameters)
+        self._handle = model.register_forward_pre_hook(self._prepend, with_kwargs=True)
+
+    def add(self, name: str, weight: torch.Tensor) -> None:
+        self.embedding[name] = nn.Embedding(*weight.shape, _weight=weight, _freeze=False)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.embedding)
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        return {"prompt_embeddings": self.embedding[name].weight}
+
+    def file_key(self, path: str, key: str) -> str:
+        return key
+
+    def delete_adapter(self, name: str) -> None:
+        del self.embedding[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        held = [n for n in names if n in self.embedding]
+        if held:
+            raise NotImplementedError(
+                f"prompt-tuning adapters {held} cannot be merged into the base weights: a soft "
+                "prompt is extra input, not a weight change. Keep the PeftModel, or use unload() "
+                "to get the base model back without it."
+            )
+
+    def unwrap(self, merge: bool) -> None:
+        self._handle.remove()
+        return None
+
+    def _prepend(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Rewrite the wrapped model's call as in the module docstring; None leaves it as is."""
+        if self.disabled or not self.active_adapters:
+            return None
+        kwargs = dict(kwargs, **dict(zip(self._arg_names, args)))
+        prompt = self.embedding[self.active_adapters[0]].weight  # (n, d)
+        n = prompt.shape[0]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        batch = (ids if embeds is None else embeds).shape[0]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+                raise ValueError("prompt tuning needs a 2-D attention_mask (batch, length)")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        if kwargs.get("position_ids") is not None:
+            pos = kwargs["position_ids"]
+            if cache is None or cache.get_seq_length() == 0:
+                prefix = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(batch, n)
+                kwargs["position_ids"] = torch.cat([prefix, pos + n], dim=1)
+            else:
+                kwargs["position_ids"] = pos + n
+        if cache is not None and cache.get_seq_length() > 0:
+            return (), kwargs  # the prompt is in the cache already
+        if embeds is None:
+            embeds = self._input_embeddings[0](ids)
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(batch, n, -1), embeds],
+                                            dim=1)
+        types = kwargs.get("token_type_ids")
+        if types is not None:
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1]:
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        return (), kwargs
+
+
+def _init_weight(config: PromptTuningConfig, embeddings: nn.Module, dtype: torch.dtype):
+    """(n, d) initial prompt; TEXT and SAMPLE_VOCAB only when training (as PEFT does)."""
+    n, d = config.num_virtual_tokens, config.token_dim
+    weight = embeddings.weight
+    init = config.prompt_tuning_init
+    if config.inference_mode or init == PromptTuningInit.RANDOM:
+        return torch.randn(n, d, device=weight.device, dtype=dtype)
+    if init == PromptTuningInit.SAMPLE_VOCAB:
+        ids = torch.randint(0, embeddings.num_embeddings, (n,), dtype=torch.long)
+    else:
+        from transformers import AutoTokenizer
+
+        kwargs = dict(config.tokenizer_kwargs or {})
+        kwargs.pop("trust_remote_code", None)  # loading an adapter must not run remote code
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+        text_ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+        check(len(text_ids) > 0, "prompt_tuning_init_text", "tokenizes to no tokens")
+        ids = torch.tensor((text_ids * math.ceil(n / len(text_ids)))[:n], dtype=torch.long)
+    with torch.no_grad():
+        return embeddings(ids.to(weight.device)).detach().clone().to(dtype)
+
+
+class PromptTuningMethod(Method):
+    config_cls = PromptTuningConfig
+
+    def inject(self, model: nn.Module, config: PromptTuningConfig, name: str,
+               autocast_adapter_dtype: bool = True) -> None:
+        embeddings = model.get_input_embeddings()
+        text_config = model.config.get_text_config()
+        d = embeddings.weight.shape[1]
+        check(config.token_dim in (None, d), "token_dim",
+              f"is {config.token_dim} but the model's input embeddings have width {d}")
+        config.token_dim = d
+        config.num_transformer_submodules = 1
+        config.num_layers = config.num_layers or text_config.num_hidden_layers
+        config.num_attention_heads = config.num_attention_heads or text_config.num_attention_heads
+        encoder = getattr(model, ATTRIBUTE, None)
+        if encoder is None:
+            encoder = PromptEncoder(model)
+            model.add_module(ATTRIBUTE, encoder)
+        elif not isinstance(encoder, PromptEncoder):
+            raise ValueError(f"the model already has an attribute {ATTRIBUTE!r}")
+        dtype = embeddings.weight.dtype
+        if autocast_adapter_dtype or not dtype.is_floating_point:
+            dtype = torch.float32
+        encoder.add(name, _init_weight(config, embeddings, dtype))
+
+
+register_method(PromptTuningMethod())
