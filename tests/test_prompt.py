@@ -2,6 +2,7 @@
 the rewritten inputs, each init mode, training, save/load, and errors."""
 
 import contextlib
+import copy
 import io
 
 import peft
@@ -189,7 +190,8 @@ def test_disable_unload_and_merge_error(batch):
     with pytest.raises(NotImplementedError, match="cannot be merged.*extra input"):
         model.merge_and_unload()
     plain = model.unload()
-    assert not hasattr(plain, "prompt_encoder") and not plain._forward_pre_hooks
+    assert not hasattr(plain, "prompt_encoder")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in plain.modules())
     torch.testing.assert_close(run(plain, batch).logits, base, atol=0, rtol=0)
 
 
@@ -235,3 +237,46 @@ def test_trains_in_hf_trainer(tmp_path):
     Trainer(model=model, args=args, train_dataset=data).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed == {"base_model.model.prompt_encoder.embedding.default.weight"}
+
+
+def test_backbone_alone_sees_the_prompt(batch):
+    """TRL's fused LM-head loss runs `model.base_model` and the head itself: the backbone call gets
+    the prompt and returns the T real positions, equal to the full call's."""
+    model = ours().eval()
+    full = run(model, batch).logits  # (B, N + T, V)
+    inner = model.get_base_model()
+    with torch.no_grad():
+        hidden = inner.base_model(**batch).last_hidden_state
+    assert hidden.shape == (2, 7, 16)
+    torch.testing.assert_close(inner.lm_head(hidden), full[:, N:], atol=1e-6, rtol=0)
+
+
+def test_deepcopy_is_independent(batch):
+    model = ours().eval()
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(run(twin, batch).logits, run(model, batch).logits, atol=0, rtol=0)
+    with torch.no_grad():
+        twin.adapter_tensors("default")["prompt_embeddings"].add_(1.0)
+    assert (run(twin, batch).logits - run(model, batch).logits).abs().max() > 1e-3
+
+
+def test_trains_in_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    model = ours()
+    before = model.adapter_tensors("default")["prompt_embeddings"].detach().clone()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>")),
+        pad_token="<pad>", unk_token="<unk>")
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                         learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                         disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True},
+                         remove_unused_columns=False)
+    data = Dataset.from_dict({"input_ids": [list(range(3, 11)), list(range(20, 30))] * 2})
+    trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                   data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
+    assert not torch.equal(model.adapter_tensors("default")["prompt_embeddings"], before)

@@ -17,6 +17,11 @@ starts from an empty KV cache (every step when `use_cache=False`); a step that c
 only shifts its attention mask and positions by n, since the prompt's keys and values are
 already in the cache.
 
+The backbone (`model.base_model`, e.g. `LlamaModel`) is hooked too, for callers that run it
+alone, as TRL's fused LM-head loss does: such a call gets the same prompt, and its
+`last_hidden_state` comes back for the T real positions, (B, T, d), so it lines up with the
+caller's unpadded labels. Inside a call of the whole model the backbone hooks stand aside.
+
 Init (`prompt_tuning_init`): RANDOM draws P ~ N(0, 1) (nn.Embedding's default); TEXT uses the
 input embeddings of `prompt_tuning_init_text` tokenized with `tokenizer_name_or_path`, repeated
 or cut to n tokens; SAMPLE_VOCAB uses the embeddings of n vocabulary tokens drawn uniformly.
@@ -106,7 +111,7 @@ def _is_pos_int(v: Any) -> bool:
 
 
 class PromptEncoder(AdapterLayer):
-    """The named soft prompts of a model, and the forward pre-hook that prepends the active one.
+    """The named soft prompts of a model, and the hooks that prepend the active one.
 
     `embedding[name].weight`: (n, d). It is saved under PEFT's global key `prompt_embeddings`.
     """
@@ -115,8 +120,18 @@ class PromptEncoder(AdapterLayer):
         super().__init__()
         self.embedding = nn.ModuleDict()
         self._input_embeddings = [model.get_input_embeddings()]  # a list: not a submodule
-        self._arg_names = list(inspect.signature(model.forward).parameters)
-        self._handle = model.register_forward_pre_hook(self._prepend, with_kwargs=True)
+        self._in_model = False  # inside a call of the whole model
+        self._strip = 0  # virtual positions to cut from the running backbone call's output
+        backbone = getattr(model, "base_model", model)
+        self._model_args = list(inspect.signature(model.forward).parameters)
+        self._backbone_args = list(inspect.signature(backbone.forward).parameters)
+        self._handles = [model.register_forward_pre_hook(self._model_pre, with_kwargs=True),
+                         model.register_forward_hook(self._model_post, always_call=True)]
+        if backbone is not model:
+            self._handles += [
+                backbone.register_forward_pre_hook(self._backbone_pre, with_kwargs=True),
+                backbone.register_forward_hook(self._backbone_post, always_call=True),
+            ]
 
     def add(self, name: str, weight: torch.Tensor) -> None:
         self.embedding[name] = nn.Embedding(*weight.shape, _weight=weight, _freeze=False)
@@ -145,17 +160,50 @@ class PromptEncoder(AdapterLayer):
             )
 
     def unwrap(self, merge: bool) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         return None
 
-    def _prepend(self, module: nn.Module, args: tuple, kwargs: dict):
-        """Rewrite the wrapped model's call as in the module docstring; None leaves it as is."""
+    def _prompt(self) -> torch.Tensor | None:
         if self.disabled or not self.active_adapters:
             return None
-        kwargs = dict(kwargs, **dict(zip(self._arg_names, args)))
-        prompt = self.embedding[self.active_adapters[0]].weight  # (n, d)
+        return self.embedding[self.active_adapters[0]].weight
+
+    def _model_pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        prompt = self._prompt()
+        if prompt is None:
+            return None
+        self._in_model = True
+        kwargs = dict(kwargs, **dict(zip(self._model_args, args)))
+        return (), self._prepend(prompt, kwargs, pad_labels=True)[0]
+
+    def _model_post(self, module: nn.Module, args: tuple, output) -> None:
+        self._in_model = False
+
+    def _backbone_pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        prompt = self._prompt()
+        if prompt is None or self._in_model:
+            return None
+        kwargs = dict(kwargs, **dict(zip(self._backbone_args, args)))
+        kwargs, prepended = self._prepend(prompt, kwargs, pad_labels=False)
+        self._strip = prompt.shape[0] if prepended else 0
+        return (), kwargs
+
+    def _backbone_post(self, module: nn.Module, args: tuple, output):
+        n, self._strip = self._strip, 0
+        if not n:
+            return None
+        if isinstance(output, tuple):
+            return (output[0][:, n:],) + output[1:]
+        output["last_hidden_state"] = output["last_hidden_state"][:, n:]
+        return output
+
+    def _prepend(self, prompt: torch.Tensor, kwargs: dict, pad_labels: bool) -> tuple[dict, bool]:
+        """The call's kwargs rewritten as in the module docstring, and whether the prompt was
+        prepended (False when continuing a KV cache that holds it already)."""
         n = prompt.shape[0]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        continuing = cache is not None and cache.get_seq_length() > 0
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         batch = (ids if embeds is None else embeds).shape[0]
         mask = kwargs.get("attention_mask")
@@ -163,15 +211,12 @@ class PromptEncoder(AdapterLayer):
             if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
                 raise ValueError("prompt tuning needs a 2-D attention_mask (batch, length)")
             kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
-        if kwargs.get("position_ids") is not None:
-            pos = kwargs["position_ids"]
-            if cache is None or cache.get_seq_length() == 0:
-                prefix = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(batch, n)
-                kwargs["position_ids"] = torch.cat([prefix, pos + n], dim=1)
-            else:
-                kwargs["position_ids"] = pos + n
-        if cache is not None and cache.get_seq_length() > 0:
-            return (), kwargs  # the prompt is in the cache already
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            prefix = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(batch, n)
+            kwargs["position_ids"] = pos + n if continuing else torch.cat([prefix, pos + n], 1)
+        if continuing:
+            return kwargs, False
         if embeds is None:
             embeds = self._input_embeddings[0](ids)
         kwargs["input_ids"] = None
@@ -181,9 +226,10 @@ class PromptEncoder(AdapterLayer):
         if types is not None:
             kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
         labels = kwargs.get("labels")
-        if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1]:
+        if pad_labels and labels is not None and labels.dim() == 2 \
+                and labels.shape[1] == embeds.shape[1]:
             kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
-        return (), kwargs
+        return kwargs, True
 
 
 def _init_weight(config: PromptTuningConfig, embeddings: nn.Module, dtype: torch.dtype):
