@@ -1,6 +1,7 @@
 """Bottleneck adapters: identity at init, the closed-form parameter count, training, save/load,
 disable, several adapters, unload, and errors."""
 
+import copy
 import json
 import os
 import types
@@ -240,3 +241,11 @@ def test_trains_in_hf_trainer(tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed and all(".mlp_adapter.adapters.default." in n for n in changed)
+
+
+def test_deepcopy_is_independent(batch):
+    model = perturbed(peftkit.get_peft_model(models.tiny_llama(), peftkit.AdapterConfig()))
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(logits(twin, batch), logits(model, batch), atol=0, rtol=0)
+    perturbed(twin, seed=11)
+    assert (logits(twin, batch) - logits(model, batch)).abs().max() > 1e-3
