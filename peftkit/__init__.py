@@ -2,6 +2,7 @@
 
 from .config import PeftConfig, PeftType, TaskType
 from .methods.adapter import AdapterConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.prompt import PromptTuningConfig, PromptTuningInit
 from .model import PeftModel, get_peft_model
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
+    "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",
