@@ -222,7 +222,8 @@ def test_errors():
         peftkit.get_peft_model(models.tiny_llama(), peftkit.AdapterConfig(layers_to_transform=5))
     toy = nn.Module()
     toy.config = types.SimpleNamespace(model_type="mamba")
-    with pytest.raises(ValueError, match=r"no entry for model_type 'mamba'.*ARCHITECTURES\['mamba'\]"):
+    with pytest.raises(ValueError,
+                       match=r"no entry for model_type 'mamba'.*ARCHITECTURES\['mamba'\]"):
         peftkit.get_peft_model(toy, peftkit.AdapterConfig())
 
 

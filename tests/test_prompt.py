@@ -154,7 +154,8 @@ def test_text_init(tokenizer_dir, n, ids):
 
 def test_sample_vocab_and_random_init():
     table = models.tiny_llama().get_input_embeddings().weight
-    sampled = ours(prompt_tuning_init="SAMPLE_VOCAB").adapter_tensors("default")["prompt_embeddings"]
+    sampled = ours(prompt_tuning_init="SAMPLE_VOCAB").adapter_tensors("default")
+    sampled = sampled["prompt_embeddings"]
     assert all((table == row).all(1).any() for row in sampled)  # every row is a vocabulary row
     # tiny_llama seeds the RNG, so both draw the same numbers: nn.Embedding's N(0, 1), as PEFT
     random = ours(prompt_tuning_init="RANDOM").adapter_tensors("default")["prompt_embeddings"]

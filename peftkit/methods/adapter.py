@@ -105,9 +105,9 @@ class AdapterConfig(PeftConfig):
               f"unknown preset {self.variant!r}; use one of {sorted(VARIANTS)}")
         check(_is_number(self.reduction_factor) and self.reduction_factor >= 1,
               "reduction_factor", f"must be a number >= 1, got {self.reduction_factor!r}")
-        check(self.bottleneck_size is None or _is_index(self.bottleneck_size)
-              and self.bottleneck_size > 0,
-              "bottleneck_size", f"must be a positive integer or None, got {self.bottleneck_size!r}")
+        size = self.bottleneck_size
+        check(size is None or _is_index(size) and size > 0, "bottleneck_size",
+              f"must be a positive integer or None, got {size!r}")
         check(self.non_linearity in ACTIVATIONS, "non_linearity",
               f"must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
         check(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout",

@@ -127,7 +127,8 @@ class IA3Linear(AdapterLayer):
         bias = None
         if not self.is_feedforward and base.bias is not None:
             bias = base.bias.data.float() * l.flatten()
-        if safe and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+        finite = torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
+        if safe and not finite:
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
         base.weight.data.copy_(weight.to(base.weight.dtype))
         if bias is not None:
