@@ -250,3 +250,15 @@ def test_deepcopy_is_independent(batch):
     torch.testing.assert_close(logits(twin, batch), logits(model, batch), atol=0, rtol=0)
     perturbed(twin, seed=11)
     assert (logits(twin, batch) - logits(model, batch)).abs().max() > 1e-3
+
+
+def test_sequence_classification_head_trains_and_saves(tmp_path):
+    """As for LoRA: task_type SEQ_CLS makes the new classifier head train and go in the file."""
+    batch = dict(input_ids=torch.randint(3, 64, (2, 5)), labels=torch.tensor([0, 1]))
+    cfg = peftkit.AdapterConfig(task_type="SEQ_CLS", variant="pfeiffer", reduction_factor=4)
+    model = perturbed(peftkit.get_peft_model(models.tiny_bert(), cfg))
+    keys = list(model.adapter_tensors("default"))
+    assert "base_model.model.classifier.weight" in keys
+    model.save_pretrained(tmp_path)
+    loaded = peftkit.PeftModel.from_pretrained(models.tiny_bert(), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=0, rtol=0)

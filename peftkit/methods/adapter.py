@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check, register_config
-from .base import AdapterLayer, Method, register_method
+from .base import AdapterLayer, Method, add_modules_to_save, register_method
 
 VARIANTS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",)}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -89,6 +89,8 @@ class AdapterConfig(PeftConfig):
     non_linearity: "relu", "gelu" or "silu".
     dropout: dropout probability on the adapter branch's input.
     layers_to_transform: block index or list of indices to adapt (default: every block).
+    modules_to_save: modules trained in full and saved with the adapter (PEFT's meaning); for
+        task_type SEQ_CLS the classification head is added, as for LoRA.
     """
 
     PEFT_TYPE = PeftType.BOTTLENECK
@@ -99,6 +101,7 @@ class AdapterConfig(PeftConfig):
     non_linearity: str = "relu"
     dropout: float = 0.0
     layers_to_transform: list[int] | int | None = None
+    modules_to_save: list[str] | None = None
 
     def validate(self) -> None:
         check(self.variant in VARIANTS, "variant",
@@ -112,6 +115,9 @@ class AdapterConfig(PeftConfig):
               f"must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
         check(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout",
               f"must be in [0, 1), got {self.dropout!r}")
+        save = self.modules_to_save
+        check(save is None or isinstance(save, list) and all(isinstance(m, str) for m in save),
+              "modules_to_save", f"expected a list of module names, got {save!r}")
         layers = self.layers_to_transform
         if isinstance(layers, tuple):
             layers = self.layers_to_transform = list(layers)
@@ -264,6 +270,7 @@ class AdapterMethod(Method):
                     block.add_module(attr, layer)
                 layer.add(name, Bottleneck(hidden, m, config.non_linearity, config.dropout,
                                            weight.device, dtype))
+        add_modules_to_save(model, config.modules_to_save, name)
 
 
 register_method(AdapterMethod())
