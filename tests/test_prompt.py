@@ -281,3 +281,21 @@ def test_trains_in_sft_trainer(tmp_path):
     trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                    data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
     assert not torch.equal(model.adapter_tensors("default")["prompt_embeddings"], before)
+
+
+def test_sequence_classification_interop(tmp_path):
+    """SEQ_CLS: the new head trains with the prompt and is saved under PEFT's key."""
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    cfg = dict(task_type="SEQ_CLS", num_virtual_tokens=N)
+    ref = peft.get_peft_model(models.tiny_bert(), peft.PromptTuningConfig(**cfg)).eval()
+    with torch.no_grad():
+        ref.base_model.classifier.modules_to_save["default"].weight.add_(0.5)
+    ref.save_pretrained(tmp_path / "peft")
+    mine = peftkit.PeftModel.from_pretrained(models.tiny_bert(), tmp_path / "peft").eval()
+    expected = run(ref, dict(input_ids=ids)).logits
+    torch.testing.assert_close(run(mine, dict(input_ids=ids)).logits, expected, atol=1e-5, rtol=0)
+    mine.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(models.tiny_bert(), tmp_path / "ours").eval()
+    torch.testing.assert_close(run(back, dict(input_ids=ids)).logits, expected, atol=1e-5, rtol=0)
+    trainable = peftkit.get_peft_model(models.tiny_bert(), peftkit.PromptTuningConfig(**cfg))
+    assert trainable.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()

@@ -149,8 +149,10 @@ def replace_module(model: nn.Module, path: str, new: nn.Module | None) -> None:
         setattr(parent, child, new)
 
 
-def add_modules_to_save(model: nn.Module, names: list[str] | None, adapter: str) -> None:
-    """Wrap each module whose path equals or ends with `.<entry>` and give it a copy for `adapter`."""
+def add_modules_to_save(model: nn.Module, names: list[str] | None, adapter: str,
+                        wrapper: type[ModulesToSaveWrapper] = ModulesToSaveWrapper) -> None:
+    """Wrap each module whose path equals or ends with `.<entry>` (in a `wrapper`) and give it a
+    copy for `adapter`."""
     from .. import targets
 
     for path, module in list(model.named_modules()):
@@ -159,6 +161,6 @@ def add_modules_to_save(model: nn.Module, names: list[str] | None, adapter: str)
         if not isinstance(module, ModulesToSaveWrapper):
             if isinstance(module, AdapterLayer):
                 continue
-            module = ModulesToSaveWrapper(module)
+            module = wrapper(module)
             replace_module(model, path, module)
         module.add(adapter)

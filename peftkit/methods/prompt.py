@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, TaskType, check, register_config
-from .base import AdapterLayer, Method, register_method
+from .base import (AdapterLayer, Method, ModulesToSaveWrapper, add_modules_to_save,
+                   register_method)
 
 ATTRIBUTE = "prompt_encoder"  # where the prompt layer sits on the wrapped model
 
@@ -57,11 +58,11 @@ class PromptTuningConfig(PeftConfig):
     """Prompt tuning with Hugging Face PEFT's keys and defaults.
 
     `token_dim`, `num_layers`, `num_attention_heads` and `num_transformer_submodules` describe the
-    base model and are filled in from it when left None.
+    base model and are filled in from it when left None. `modules_to_save` (e.g. the new head of a
+    SEQ_CLS model, added automatically) are trained in full and saved with the prompt.
     """
 
     PEFT_TYPE = PeftType.PROMPT_TUNING
-    UNSUPPORTED_DEFAULTS = {"modules_to_save": None}
 
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
@@ -72,6 +73,7 @@ class PromptTuningConfig(PeftConfig):
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict | None = None
+    modules_to_save: list[str] | None = None
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -104,6 +106,9 @@ class PromptTuningConfig(PeftConfig):
                   "prompt_tuning_init='TEXT' needs a tokenizer (name or folder) for the text")
         check(text or not self.tokenizer_kwargs, "tokenizer_kwargs",
               "only used with prompt_tuning_init='TEXT'")
+        save = self.modules_to_save
+        check(save is None or isinstance(save, list) and all(isinstance(m, str) for m in save),
+              "modules_to_save", f"expected a list of module names, got {save!r}")
 
 
 def _is_pos_int(v: Any) -> bool:
@@ -232,6 +237,14 @@ class PromptEncoder(AdapterLayer):
         return kwargs, True
 
 
+class PromptModulesToSave(ModulesToSaveWrapper):
+    """`modules_to_save` of a prompt-tuning adapter, under PEFT's prompt-learning file keys:
+    `base_model.<module path>.weight` (PEFT does not wrap the model a second time there)."""
+
+    def file_key(self, path: str, key: str) -> str:
+        return super().file_key(path, key).replace("base_model.model.", "base_model.", 1)
+
+
 def _init_weight(config: PromptTuningConfig, embeddings: nn.Module, dtype: torch.dtype):
     """(n, d) initial prompt; TEXT and SAMPLE_VOCAB only when training (as PEFT does)."""
     n, d = config.num_virtual_tokens, config.token_dim
@@ -278,6 +291,7 @@ class PromptTuningMethod(Method):
         if autocast_adapter_dtype or not dtype.is_floating_point:
             dtype = torch.float32
         encoder.add(name, _init_weight(config, embeddings, dtype))
+        add_modules_to_save(model, config.modules_to_save, name, PromptModulesToSave)
 
 
 register_method(PromptTuningMethod())
