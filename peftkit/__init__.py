@@ -6,6 +6,7 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.prompt import PromptTuningConfig, PromptTuningInit
 from .model import PeftModel, get_peft_model
+from .prepare import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "get_peft_model",
+    "prepare_model_for_kbit_training",
 ]

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, quant
 from .config import PeftConfig, TaskType
 from .methods.base import AdapterLayer, method_for, replace_module
 
@@ -238,8 +238,15 @@ class PeftModel(nn.Module):
         return model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the adapters (default: the active one) and return the plain base model."""
+                         adapter_names: list[str] | None = None,
+                         dequantize: bool = False) -> nn.Module:
+        """Merge the adapters (default: the active one) and return the plain base model.
+
+        `dequantize=True` first turns every quantized (bitsandbytes) layer into a full-precision
+        `nn.Linear`, so the merge is exact and plain transformers loads the saved result.
+        """
+        if dequantize:
+            quant.dequantize_model(self.get_base_model())
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unload(merge=True)
 

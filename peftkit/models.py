@@ -91,14 +91,28 @@ def _convert_gguf(gguf_path: str, out_dir: str) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def load_default(dtype: torch.dtype = torch.float32, device: str | None = None):
-    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, in eval mode."""
+def load_default(dtype: torch.dtype = torch.float32, device: str | None = None,
+                 quantize: str | None = None):
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, in eval mode.
+
+    `quantize`: None, or `"nf4"` / `"fp4"` (4-bit, double quantization, computing in `dtype`)
+    or `"int8"`, through bitsandbytes (see `peftkit.quant.bnb_config`); the linear layers of the
+    blocks are quantized, the tied embedding / lm_head and the norms stay in `dtype`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if device is not None:
-        model.to(device)
+    if quantize is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if device is not None:
+            model.to(device)
+    else:
+        from .quant import bnb_config
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=bnb_config(quantize, compute_dtype=dtype),
+            device_map=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        )
     model.name_or_path = DEFAULT_MODEL
     return model.eval(), AutoTokenizer.from_pretrained(path)
 

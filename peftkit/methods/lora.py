@@ -27,7 +27,7 @@ import dataclasses
 import math
 import re
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -188,6 +188,11 @@ class LoraLinear(AdapterLayer):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype the base layer computes in (adapters use it without autocast)."""
+        return self.base_layer.weight.dtype
+
     def add(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
             init: bool | str, dtype: torch.dtype) -> None:
         device = self.base_layer.weight.device
@@ -293,11 +298,11 @@ class LoraMethod(Method):
         for path in paths:
             layer = model.get_submodule(path)
             if not isinstance(layer, LoraLinear):
-                layer = LoraLinear(layer)
+                layer = wrapper_for(layer)(layer)
                 replace_module(model, path, layer)
             r, alpha, scaling = config.scaling_for(path)
-            layer.add(name, r, alpha, scaling, config.lora_dropout, config.init_lora_weights,
-                      _adapter_dtype(layer.base_layer, autocast_adapter_dtype))
+            dtype = torch.float32 if autocast_adapter_dtype else layer.compute_dtype
+            layer.add(name, r, alpha, scaling, config.lora_dropout, config.init_lora_weights, dtype)
         add_modules_to_save(model, config.modules_to_save, name)
 
     def extra_tensors(self, model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:
@@ -317,12 +322,17 @@ class LoraMethod(Method):
         return {}
 
 
-def _adapter_dtype(base_layer: nn.Module, autocast: bool) -> torch.dtype:
-    """fp32 adapters by default (PEFT's autocast_adapter_dtype); else the base's float dtype."""
-    dtype = base_layer.weight.dtype
-    if autocast or not dtype.is_floating_point:
-        return torch.float32
-    return dtype
+# (predicate on a base layer, LoraLinear subclass that wraps it); other modules (qlora) add theirs.
+WRAPPERS: list[tuple[Callable[[nn.Module], bool], type[LoraLinear]]] = []
+
+
+def register_wrapper(accepts: Callable[[nn.Module], bool], cls: type[LoraLinear]) -> None:
+    """Make `inject` wrap base layers for which `accepts(layer)` holds with `cls`."""
+    WRAPPERS.append((accepts, cls))
+
+
+def wrapper_for(base_layer: nn.Module) -> type[LoraLinear]:
+    return next((cls for accepts, cls in WRAPPERS if accepts(base_layer)), LoraLinear)
 
 
 register_method(LoraMethod())

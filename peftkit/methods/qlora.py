@@ -1,0 +1,92 @@
+"""QLoRA: LoRA over a frozen k-bit base (Dettmers et al., 2023, arXiv:2305.14314).
+
+The base weight W0 (out, in) stays quantized in a bitsandbytes layer: `Linear4bit` (NF4 or FP4
+codes, blocks of 64, optionally double-quantized scales) or `Linear8bitLt` (LLM.int8). The
+base matmul runs in the layer's compute dtype with bitsandbytes' kernels; the LoRA branch
+runs in the adapter dtype (fp32 by default, the compute dtype with
+`autocast_adapter_dtype=False`) and is cast to the base output's dtype before the sum, as in
+PEFT:
+
+    y = base(x) + cast(B @ A @ dropout(x) * scaling)      x: (..., in), y: (..., out)
+
+Nothing else differs from `LoraLinear` until merging: a merged k-bit weight cannot hold
+W0 + scaling * B @ A exactly, so `merge` dequantizes, adds the delta in fp32 and re-quantizes
+with the layer's own settings, warning about the rounding. The re-quantized weight is within
+half a codebook gap times each block's absmax of the exact sum (NF4: 0.139 * absmax). For an
+exact merge, `PeftModel.merge_and_unload(dequantize=True)` first turns every k-bit layer into an
+`nn.Linear` (see `peftkit.quant.dequantize_model`); these layers then merge like plain LoRA.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import quant
+from .lora import LoraLinear, register_wrapper
+
+
+class KbitLoraLinear(LoraLinear):
+    """LoRA adapters on a bitsandbytes `Linear4bit` / `Linear8bitLt` (kept as `base_layer`)."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """4-bit: the layer's `compute_dtype` (else the dtype quantized from); 8-bit: fp16, the
+        input dtype of bitsandbytes' int8 matmul."""
+        kind = quant.kbit_kind(self.base_layer)
+        if kind == "4bit":
+            return self.base_layer.compute_dtype or self.base_layer.weight.quant_state.dtype
+        if kind == "8bit":
+            return torch.float16
+        return super().compute_dtype
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        autocast = torch.is_autocast_enabled(x.device.type)
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            lora_a = self.lora_A[name]
+            h = self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype))
+            y = y + (self.lora_B[name](lora_a(h)) * self.scaling[name]).to(y.dtype)
+        return y
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        """Fold adapters into the k-bit weight by re-quantizing W0 + delta (lossy, warned)."""
+        if quant.kbit_kind(self.base_layer) is None:  # dequantized by dequantize_model
+            return super().merge(names, safe_merge)
+        for name in names:
+            if name not in self.lora_A:
+                continue
+            if name in self.merged_adapters:
+                warnings.warn(f"adapter {name!r} is already merged; not merging it again",
+                              stacklevel=3)
+                continue
+            merged = quant.dequantize_weight(self.base_layer).float() + self.delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
+            warnings.warn(
+                f"merging adapter {name!r} into a k-bit weight re-quantizes it: each weight moves "
+                "by up to half a codebook step, so outputs differ slightly from the unmerged "
+                "model. Use merge_and_unload(dequantize=True) for an exact full-precision merge.",
+                stacklevel=3,
+            )
+            quant.requantize_(self.base_layer, merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if quant.kbit_kind(self.base_layer) is None:
+            return super().unmerge()
+        if self.merged_adapters:
+            warnings.warn("unmerging from a k-bit weight re-quantizes it; the restored base "
+                          "weight differs from the original by rounding", stacklevel=3)
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            restored = quant.dequantize_weight(self.base_layer).float() - self.delta_weight(name)
+            quant.requantize_(self.base_layer, restored)
+
+
+register_wrapper(lambda layer: quant.kbit_kind(layer) is not None, KbitLoraLinear)
