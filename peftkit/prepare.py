@@ -34,8 +34,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
       weight makes the norm's output fp32, so the activations after it are fp32 too (as in PEFT).
     use_gradient_checkpointing: recompute each block in the backward pass instead of storing its
       activations; `gradient_checkpointing_kwargs` go to `torch.utils.checkpoint.checkpoint`
-      (e.g. `{"use_reentrant": False}`). Input grads are enabled with it, since the reentrant
-      variant drops gradients of blocks whose inputs do not require grad.
+      (`use_reentrant` defaults to False, torch's recommendation). Input grads are enabled with
+      it, since the reentrant variant drops gradients of blocks whose inputs do not require grad.
     """
     if upcast not in UPCAST_MODES:
         raise ValueError(f"upcast={upcast!r} is not known; use one of {UPCAST_MODES}")
@@ -48,7 +48,9 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
             if p.dtype in HALF:
                 p.data = p.data.float()
     if use_gradient_checkpointing:
-        _enable_checkpointing(model, dict(gradient_checkpointing_kwargs or {}))
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        kwargs.setdefault("use_reentrant", False)
+        _enable_checkpointing(model, kwargs)
     return model
 
 
