@@ -278,15 +278,15 @@ def test_seed_recipe_trains_in_trainer(base_dir, tokens, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
-    ids = torch.randint(3, 64, (8, 12), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(2)).repeat(4, 1)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
-                             learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
+                             learning_rate=5e-2, logging_steps=1, report_to=[], save_strategy="no",
                              use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses[-1] < losses[0] - 0.1
+    assert losses[-1] < losses[0] - 0.1, losses
 
     for n, p in model.named_parameters():
         changed = not torch.equal(p.detach(), before[n])
@@ -320,3 +320,40 @@ def test_weight_bytes_counts_codes_and_scales(base_dir):
     saved = quant.weight_bytes(full) - quant.weight_bytes(packed)
     code_bytes = 16 * 4 * len(kbit_layers(packed))  # one 16-entry fp32 codebook per layer
     assert saved == n_lin * 4 - (n_lin // 2 + n_lin // 64 * 4 + code_bytes)
+
+
+# -- LoftQ-style initialisation -----------------------------------------------------------------
+def test_loftq_init_moves_the_4bit_model_towards_full_precision(base_dir, tokens):
+    """A, B from the SVD of W - dequant(Q): per layer the residual shrinks to the norm of the
+    discarded singular values (checked against an independent recomputation), and the logits
+    move towards the full-precision model's."""
+    from peftkit.methods.loftq import loftq_init
+
+    full = models.tiny_llama(0, hidden_size=32, intermediate_size=64)
+    pm = peftkit.get_peft_model(load(base_dir), peftkit.LoraConfig(r=8, lora_alpha=16,
+                                                                   target_modules="all-linear"))
+    gap_before = (logits(pm, tokens) - logits(full, tokens)).norm()
+    report = loftq_init(pm, full)
+    assert len(report) == 2 * 7
+    for path, (before, after) in report.items():
+        layer = pm.base_model.model.get_submodule(path)
+        w = full.get_submodule(path).weight.detach()
+        residual = w - quant.dequantize_weight(layer.base_layer)
+        tail = torch.linalg.svdvals(residual)[8:].norm()
+        left = (residual - layer.delta_weight("default")).norm()
+        torch.testing.assert_close(left, tail, rtol=1e-4, atol=1e-6)
+        assert abs(left.item() - after) < 1e-4 * before and after < before
+    gap_after = (logits(pm, tokens) - logits(full, tokens)).norm()
+    print(f"logit gap to fp32: {gap_before:.4f} -> {gap_after:.4f}")
+    assert gap_after < 0.7 * gap_before  # 0.60 measured (r = 8 of 32)
+
+
+def test_loftq_init_errors(base_dir):
+    from peftkit.methods.loftq import loftq_init
+
+    pm = peftkit.get_peft_model(load(base_dir), peftkit.LoraConfig(r=4, target_modules=TARGETS))
+    with pytest.raises(KeyError, match="q_proj.weight"):
+        loftq_init(pm, {})
+    plain = peftkit.get_peft_model(models.tiny_llama(), peftkit.LoraConfig(r=4, target_modules=TARGETS))
+    with pytest.raises(ValueError, match="k-bit base"):
+        loftq_init(plain, models.tiny_llama())
