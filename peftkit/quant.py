@@ -149,16 +149,20 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights occupy as stored: parameters, buffers and the 4-bit block
-    scales (`absmax`, and for double quantization the nested scales and codebook), each storage
-    counted once (tied embeddings are one tensor)."""
+    """Bytes the model's weights occupy as stored: parameters, buffers, the 4-bit block scales
+    and codebooks (`absmax`, `code`; with double quantization the nested ones too) and the 8-bit
+    row scales (`SCB`), each storage counted once (tied embeddings are one tensor)."""
     tensors = [*model.parameters(), *model.buffers()]
     for module in model.modules():
-        if kbit_kind(module) == "4bit":
+        kind = kbit_kind(module)
+        if kind == "4bit":
             state = module.weight.quant_state
             tensors += [state.absmax, state.code]
             if state.nested:
                 tensors += [state.state2.absmax, state.state2.code, state.offset]
+        elif kind == "8bit":
+            scb = module.state.SCB if module.state.SCB is not None else module.weight.SCB
+            tensors.append(scb)
     seen: dict[tuple[str, int], int] = {}
     for t in tensors:
         storage = t.untyped_storage()

@@ -357,3 +357,12 @@ def test_loftq_init_errors(base_dir):
     plain = peftkit.get_peft_model(models.tiny_llama(), peftkit.LoraConfig(r=4, target_modules=TARGETS))
     with pytest.raises(ValueError, match="k-bit base"):
         loftq_init(plain, models.tiny_llama())
+
+
+def test_weight_bytes_counts_int8_row_scales(base_dir):
+    """int8: one byte a weight plus one fp32 scale per output row."""
+    full = models.tiny_llama(0, hidden_size=32, intermediate_size=64)
+    packed = load(base_dir, "int8")
+    lin = [m for n, m in full.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
+    n_lin, rows = sum(m.weight.numel() for m in lin), sum(m.out_features for m in lin)
+    assert quant.weight_bytes(full) - quant.weight_bytes(packed) == n_lin * 4 - n_lin - rows * 4
