@@ -228,6 +228,22 @@ def test_prepare_upcasts_what_it_says(upcast, base_dir):
     assert model.is_activation_checkpointing
     emb_out = model.get_input_embeddings()(torch.tensor([[3, 4]]))
     assert emb_out.requires_grad
+    # the unquantized lm_head gets its own dtype's input; activations keep the model's dtype
+    norm_out = model.model.norm(torch.randn(1, 2, 32, dtype=torch.bfloat16))
+    assert norm_out.dtype == (torch.float32 if upcast == "all" else torch.bfloat16)
+    out = model(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]]))
+    assert out.logits.dtype == head and torch.isfinite(out.loss)
+
+
+def test_fp32_norm_matches_an_fp32_computation():
+    """With upcast="norms" a bf16 RMSNorm returns the fp32 norm of its input, rounded once."""
+    model = models.tiny_llama(hidden_size=32, intermediate_size=64).to(torch.bfloat16)
+    norm = model.model.norm
+    x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    w = norm.weight.detach().float()
+    expected = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)) * w
+    peftkit.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.testing.assert_close(norm(x), expected.to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_prepare_rejects_bad_upcast_and_models_without_checkpointing():
