@@ -1,6 +1,9 @@
-"""QLoRA end to end on the embedded SmolLM2-135M, on CPU: NF4 base (double quantization, bf16
-compute), `prepare_model_for_kbit_training`, LoRA r=16 on q,k,v,o, a few AdamW steps, then
+"""QLoRA end to end on the embedded SmolLM2-135M: NF4 base with double quantization,
+`prepare_model_for_kbit_training`, LoRA r=16 on q,k,v,o, a few AdamW steps, then
 `merge_and_unload(dequantize=True)`, saved and reloaded with plain transformers.
+
+Compute dtype: bf16 on CUDA (QLoRA's recipe); fp32 on CPU, where bf16 matmuls without
+AVX512-BF16 hardware are emulated and a step takes minutes instead of seconds.
 
     python benchmarks/qlora_smollm2.py [--steps 4]
 """
@@ -24,7 +27,7 @@ ANSWER = "The capital of France is Paris."
 def answer(model, tokenizer, question: str = QUESTION) -> str:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                            tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
@@ -35,7 +38,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
 
-    model, tokenizer = models.load_default(dtype=torch.bfloat16, device="cpu", quantize="nf4")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model, tokenizer = models.load_default(dtype=dtype, quantize="nf4")
+    device = model.device
     model = peftkit.prepare_model_for_kbit_training(model)
     config = peftkit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -45,7 +50,7 @@ def main() -> None:
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}],
         tokenize=False)
-    batch = tokenizer([chat, chat], return_tensors="pt")
+    batch = tokenizer([chat, chat], return_tensors="pt").to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     for step in range(args.steps):
@@ -60,7 +65,7 @@ def main() -> None:
     merged = model.merge_and_unload(dequantize=True)
     with tempfile.TemporaryDirectory() as out:
         merged.save_pretrained(out)
-        plain = AutoModelForCausalLM.from_pretrained(out).eval()
+        plain = AutoModelForCausalLM.from_pretrained(out).to(device).eval()
     kinds = sorted({type(m).__name__ for n, m in plain.named_modules() if n.endswith("_proj")})
     print(f"reloaded with plain transformers: {type(plain).__name__}, projections {kinds}, "
           f"dtype {plain.dtype}")

@@ -100,13 +100,13 @@ def requantize_(layer: nn.Module, weight: torch.Tensor) -> None:
         state = old.quant_state
         dtype = state.dtype
         new = bnb.nn.Params4bit(
-            weight.detach().to("cpu", dtype), requires_grad=False, quant_type=state.quant_type,
+            weight.detach().to(dtype), requires_grad=False, quant_type=state.quant_type,
             blocksize=state.blocksize, compress_statistics=state.nested,
             quant_storage=old.quant_storage, module=layer,
         )
-        layer.weight = new.to(old.device)
-        layer.quant_state = layer.weight.quant_state
+        layer.weight = new.to(old.device)  # quantizes, and sets layer.quant_state
     elif kind == "8bit":
+        # Int8Params quantizes in .to(device) only while its data is on the CPU.
         new = bnb.nn.Int8Params(weight.detach().to("cpu", torch.float16), requires_grad=False,
                                 has_fp16_weights=False)
         layer.weight = new.to(old.device)

@@ -298,7 +298,7 @@ def test_seed_recipe_trains_in_trainer(base_dir, tokens, tmp_path):
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
                              learning_rate=5e-2, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+                             use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
