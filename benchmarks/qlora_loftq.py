@@ -38,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     full, tokenizer = models.load_default(dtype=torch.float32)
-    ids = tokenizer(tokenizer.apply_chat_template(TEXT, tokenize=False), return_tensors="pt").input_ids
+    text = tokenizer.apply_chat_template(TEXT, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
         reference = full(input_ids=ids).logits[0]
     weights = full.state_dict()

@@ -5,7 +5,6 @@ import contextlib
 import copy
 import io
 import sys
-import warnings
 
 import bitsandbytes as bnb
 import peft
@@ -239,9 +238,11 @@ def test_fp32_norm_matches_an_fp32_computation():
     """With upcast="norms" a bf16 RMSNorm returns the fp32 norm of its input, rounded once."""
     model = models.tiny_llama(hidden_size=32, intermediate_size=64).to(torch.bfloat16)
     norm = model.model.norm
+    with torch.no_grad():
+        norm.weight.normal_()
     x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
-    w = norm.weight.detach().float()
-    expected = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)) * w
+    xf, w = x.float(), norm.weight.detach().float()
+    expected = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * w
     peftkit.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.testing.assert_close(norm(x), expected.to(torch.bfloat16), rtol=0, atol=0)
 
@@ -370,7 +371,8 @@ def test_loftq_init_errors(base_dir):
     pm = peftkit.get_peft_model(load(base_dir), peftkit.LoraConfig(r=4, target_modules=TARGETS))
     with pytest.raises(KeyError, match="q_proj.weight"):
         loftq_init(pm, {})
-    plain = peftkit.get_peft_model(models.tiny_llama(), peftkit.LoraConfig(r=4, target_modules=TARGETS))
+    plain = peftkit.get_peft_model(models.tiny_llama(),
+                                   peftkit.LoraConfig(r=4, target_modules=TARGETS))
     with pytest.raises(ValueError, match="k-bit base"):
         loftq_init(plain, models.tiny_llama())
 
@@ -382,3 +384,16 @@ def test_weight_bytes_counts_int8_row_scales(base_dir):
     lin = [m for n, m in full.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
     n_lin, rows = sum(m.weight.numel() for m in lin), sum(m.out_features for m in lin)
     assert quant.weight_bytes(full) - quant.weight_bytes(packed) == n_lin * 4 - n_lin - rows * 4
+
+
+def test_lora_branch_follows_autocast(base_dir):
+    """Under autocast (bf16) the input is left to autocast, as in PEFT on GPU: the layer returns
+    the base output's dtype and the fp32 result within bf16 matmul rounding."""
+    layer = trained(load(base_dir)).base_model.model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        full = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = layer(x)
+    assert mixed.dtype == full.dtype == torch.float32 and not torch.equal(mixed, full)
+    torch.testing.assert_close(mixed, full, rtol=2e-2, atol=2e-2)

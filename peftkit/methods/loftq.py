@@ -39,7 +39,8 @@ def loftq_init(peft_model: nn.Module, full_precision: nn.Module | Mapping[str, t
       `<module path>.weight` (out, in) is W.
     Returns `{module path: (||R||_F, ||R - scaling * B @ A||_F)}`, the residual before and after.
     """
-    weights = full_precision.state_dict() if isinstance(full_precision, nn.Module) else full_precision
+    weights = (full_precision.state_dict() if isinstance(full_precision, nn.Module)
+               else full_precision)
     report = {}
     layers = [(n.removeprefix(PREFIX), m) for n, m in peft_model.named_modules()
               if isinstance(m, KbitLoraLinear) and adapter_name in m.lora_A]
