@@ -14,9 +14,9 @@ W0 + scaling * B @ A exactly, so `merge` dequantizes, adds the delta in fp32 and
 with the layer's own settings, warning about the rounding. Each re-quantized weight is within
 half the widest codebook gap times its block's absmax of the exact sum (NF4: 0.152 * absmax,
 FP4: 0.167 * absmax; int8: 0.5 / 127 * the row's absmax), plus the rounding of the stored
-absmax itself under double quantization. For an
-exact merge, `PeftModel.merge_and_unload(dequantize=True)` first turns every k-bit layer into an
-`nn.Linear` (see `peftkit.quant.dequantize_model`); these layers then merge like plain LoRA.
+absmax itself under double quantization. For an exact merge,
+`PeftModel.merge_and_unload(dequantize=True)` first turns every k-bit layer into an `nn.Linear`
+(see `peftkit.quant.dequantize_model`); these layers then merge like plain LoRA.
 """
 
 from __future__ import annotations
