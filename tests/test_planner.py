@@ -74,9 +74,14 @@ def _saved_bytes(model, ids):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lora", [None, QKVO, "all-linear", ["q_proj", "down_proj", "lm_head"]])
-def test_activation_formula_is_exact(dtype, lora):
-    """The Llama-family count equals the bytes autograd saves (parameters excluded)."""
+@pytest.mark.parametrize("lora, dropout", [
+    (None, 0.0), (QKVO, 0.0), ("all-linear", 0.0), (["q_proj", "down_proj", "lm_head"], 0.0),
+    (QKVO, 0.1), ("all-linear", 0.1), (["o_proj"], 0.1), (["v_proj", "up_proj"], 0.1),
+    (["lm_head"], 0.1)])
+def test_activation_formula_is_exact(dtype, lora, dropout):
+    """The Llama-family count equals the bytes autograd saves (parameters excluded), with LoRA
+    dropout too (CPU: the mask is kept in the input's dtype) and when the first layer's early
+    modules are frozen (they save nothing)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from peftkit import LoraConfig, get_peft_model
@@ -87,13 +92,14 @@ def test_activation_formula_is_exact(dtype, lora):
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dtype)
     if lora:
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=lora))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=lora, lora_dropout=dropout))
     model.train()
     b, s = 2, 32
     measured = _saved_bytes(model, torch.randint(0, 256, (b, s)))
-    sites = [LoraSite(p, m.in_features, 4, 0.0, m.lora_A["default"].weight.dtype)
+    sites = [LoraSite(p, m.in_features, 4, dropout, m.lora_A["default"].weight.dtype)
              for p, m in model.named_modules() if isinstance(m, LoraLinear)]
-    acts = activations(Arch.of(cfg), dtype.itemsize, b, s, lora is None, lora is None, sites)
+    acts = activations(Arch.of(cfg), dtype.itemsize, b, s, lora is None, lora is None, sites,
+                       device="cpu")
     loss_saved = b * s * (4 * cfg.vocab_size + 8) + 4  # fp32 log-probs, labels, a scalar
     assert acts.plain + loss_saved == measured
 
