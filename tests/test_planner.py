@@ -1,6 +1,7 @@
 """Planner: exact counts on the meta device, the memory formulas, and a measured CPU peak."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -121,9 +122,13 @@ def rss(field):
 
 fields, b, s = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 ids = torch.randint(0, fields["vocab_size"], (b, s))
-base = rss("VmRSS:")
 config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=16, target_modules=%r))
+build = lambda: get_peft_model(AutoModelForCausalLM.from_config(config),
+                               LoraConfig(r=16, target_modules=%r))
+with torch.device("meta"):  # import the modules building the model imports, before the base
+    build()
+base = rss("VmRSS:")
+model = build()
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 for step in range(2):
@@ -138,27 +143,30 @@ print(json.dumps({"peak": rss("VmHWM:") - base}))
 """ % (QKVO,)
 
 
-@pytest.mark.xfail(reason="open: on 2026-11-28 the plan said 826 MiB, RSS peaked at 1202 MiB "
-                          "(31% over); the gap (~ one more copy of the loss tensors) is not yet "
-                          "explained", strict=False)
 def test_estimate_matches_measured_cpu_peak(tmp_path):
-    """Peak RSS of a LoRA training step (second step: optimizer states exist) vs the plan.
+    """Peak RSS of a LoRA training step (the second: optimizer states exist) vs the plan.
 
-    Tolerance 15%: RSS also holds what the plan leaves out on purpose — allocator slack and
-    fragmentation, oneDNN/BLAS scratch buffers, the random-init temporaries glibc keeps mapped —
-    while the plan's terms themselves are exact counts (see test_activation_formula_is_exact).
+    glibc keeps freed memory of tensors under its dynamic mmap threshold (which climbs to 32 MiB
+    after the first large free) resident, so by default RSS holds ~180 MiB of already-freed
+    activations here; a fixed threshold of 64 KiB hands every freed tensor back, and RSS then
+    counts live tensors plus a near-constant rest. Measured on 2026-11-28: plan 825.7 MiB =
+    the profiler's peak of live tensor bytes (in LogSoftmaxBackward), RSS 854 MiB; the 28 MiB
+    rest is kernel code paged in (11 MiB RssFile) and runtime state created at the first step.
+    Tolerance: the plan may not exceed RSS, and may be below it by at most 6% (51 MiB), less than
+    any one term it could get wrong (one copy of the fp32 logits is 125 MiB).
     """
     b, s = 4, 256
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(SMALL))
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(SMALL), str(b), str(s)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
     plan = estimate(str(cfg), "lora", {"r": 16, "target_modules": QKVO},
                     Settings(batch_size=b, seq_len=s, dtype=torch.float32, device="cpu")).plan
     print(f"estimate {plan.total / 2**20:.1f} MiB, measured peak {measured / 2**20:.1f} MiB")
-    assert abs(plan.total - measured) <= 0.15 * measured
+    assert plan.total <= measured <= plan.total + 0.06 * measured
 
 
 def test_bad_inputs_name_the_problem():
