@@ -17,12 +17,16 @@ I the MLP size, a the LoRA dtype's bytes:
     linear inputs  e*h (q/k/v), e*h (gate/up), e*I (down), for each group whose weights train
     each LoRA      a*r (A's output), plus its input x: nothing extra when x is already saved or
                    can be shared (same dtype, no dropout: one copy per input, e.g. q/k/v share);
-                   a*in for the cast to the adapter dtype; with dropout a*in + its mask (1 byte
-                   per element on CUDA, a bytes on CPU, where dropout is not fused)
+                   a*in for the cast to the adapter dtype; with dropout a*in (the dropped
+                   copy) + its mask when x needs a grad (1 byte per element on CUDA, a bytes on
+                   CPU, where dropout is not fused)
 
-Once per step: the final norm (4h + 4, + 2*e*h if it and the head train), the input ids (8 per token, if the
-embedding trains) and rotary cos/sin (2*head_dim*e per position). The first layer's input norm
-saves nothing when the model's input needs no gradient (frozen embeddings, no prompt).
+An op saves for backward only when one of its inputs needs a gradient, so each term above counts
+only where the gradient flows: with frozen embeddings (no prompt) the first layer saves nothing
+before its first trainable module (its input norm, the attention without q/k/v adapters, the
+dropout masks of q/k/v), and nothing at all comes before the first adapted module.
+Once per step: the final norm (4h + 4, + 2*e*h if it and the head train), the input ids (8 per
+token, if the embedding trains) and rotary cos/sin (2*head_dim*e per position).
 `tests/test_planner.py` checks this count against the tensors autograd actually saves.
 
 Other architectures (GPT-2, ...) use Korthikanti's count without the score term: (16e + 2)*h per
