@@ -106,7 +106,7 @@ def _branch_bytes(sites: list, e: int, mask: int | None, x_grad: bool) -> tuple[
 def _layer_bytes(arch: Arch, e: int, full: bool, sites: list, mask: int | None,
                  grad_in: bool) -> tuple[int, bool]:
     """(bytes per token one decoder layer saves, whether its output needs a grad), see the module
-    docstring. `sites`: its LoRA sites; `mask`: dropout mask bytes per element (None: e or a);
+    docstring. `sites`: its LoRA sites; `mask`: dropout mask bytes per element (None: the adapter dtype's);
     `grad_in`: the layer's input needs a grad. An op saves for backward only when one of its
     inputs needs a grad, so a layer saves nothing before its first trainable tensor."""
     if not arch.exact:
