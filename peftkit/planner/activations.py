@@ -106,9 +106,10 @@ def _branch_bytes(sites: list, e: int, mask: int | None, x_grad: bool) -> tuple[
 def _layer_bytes(arch: Arch, e: int, full: bool, sites: list, mask: int | None,
                  grad_in: bool) -> tuple[int, bool]:
     """(bytes per token one decoder layer saves, whether its output needs a grad), see the module
-    docstring. `sites`: its LoRA sites; `mask`: dropout mask bytes per element (None: the adapter dtype's);
-    `grad_in`: the layer's input needs a grad. An op saves for backward only when one of its
-    inputs needs a grad, so a layer saves nothing before its first trainable tensor."""
+    docstring. `sites`: its LoRA sites; `mask`: dropout mask bytes per element (None: those of
+    the adapter dtype); `grad_in`: the layer's input needs a grad. An op saves for backward only
+    when one of its inputs needs a grad, so a layer saves nothing before its first trainable
+    tensor."""
     if not arch.exact:
         own, _ = _branch_bytes(sites, e, mask, True)
         return (16 * e + 2) * arch.hidden + own, True
