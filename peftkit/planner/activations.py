@@ -17,12 +17,16 @@ I the MLP size, a the LoRA dtype's bytes:
     linear inputs  e*h (q/k/v), e*h (gate/up), e*I (down), for each group whose weights train
     each LoRA      a*r (A's output), plus its input x: nothing extra when x is already saved or
                    can be shared (same dtype, no dropout: one copy per input, e.g. q/k/v share);
-                   a*in for the cast to the adapter dtype; with dropout a*in + its mask (1 byte
-                   per element on CUDA, a bytes on CPU, where dropout is not fused)
+                   a*in for the cast to the adapter dtype; with dropout a*in (the dropped
+                   copy) + its mask when x needs a grad (1 byte per element on CUDA, a bytes on
+                   CPU, where dropout is not fused)
 
-Once per step: the final norm (4h + 4, + 2*e*h if it and the head train), the input ids (8 per token, if the
-embedding trains) and rotary cos/sin (2*head_dim*e per position). The first layer's input norm
-saves nothing when the model's input needs no gradient (frozen embeddings, no prompt).
+An op saves for backward only when one of its inputs needs a gradient, so each term above counts
+only where the gradient flows: with frozen embeddings (no prompt) the first layer saves nothing
+before its first trainable module (its input norm, the attention without q/k/v adapters, the
+dropout masks of q/k/v), and nothing at all comes before the first adapted module.
+Once per step: the final norm (4h + 4, + 2*e*h if it and the head train), the input ids (8 per
+token, if the embedding trains) and rotary cos/sin (2*head_dim*e per position).
 `tests/test_planner.py` checks this count against the tensors autograd actually saves.
 
 Other architectures (GPT-2, ...) use Korthikanti's count without the score term: (16e + 2)*h per
@@ -40,10 +44,9 @@ import dataclasses
 from .. import targets
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-# LoRA-wrapped linear -> (input group, saved anyway?) in the Llama family; q/k/v share one input.
-_INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
-                "o_proj": "attn_out", "gate_proj": "mlp_in", "up_proj": "mlp_in",
-                "down_proj": "mlp_act"}
+# The linear layers of a Llama-family decoder layer, grouped by the input they share.
+_ATTN_IN, _ATTN_OUT, _MLP_IN, _MLP_ACT = ("q_proj", "k_proj", "v_proj"), ("o_proj",), \
+    ("gate_proj", "up_proj"), ("down_proj",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,43 +83,72 @@ class Arch:
         return self.model_type in LLAMA_FAMILY
 
 
-def _layer_bytes(arch: Arch, e: int, full: bool, lora: list, mask: int, input_grad: bool) -> int:
-    """Bytes per token saved by one decoder layer (module docstring). `lora`: its LoraSites;
-    `mask`: bytes per element of a dropout mask; `input_grad`: the layer's input needs a grad."""
-    if not arch.exact:
-        return (16 * e + 2) * arch.hidden + _lora_bytes(lora, e, mask, input_grad, {})[0]
-    h, inter = arch.hidden, arch.intermediate
-    hq, hkv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    norm_in = 4 * h + 4
-    total = norm_in + (norm_in if input_grad else 0)
-    total += e * (2 * hq + 2 * hkv) + 4 * arch.heads + 3 * e * inter
-    groups = {"attn_in": h, "mlp_in": h, "mlp_act": inter} if full else {}
-    if full:
-        total += 2 * e * h
-    own, groups = _lora_bytes(lora, e, mask, input_grad, groups)
-    return total + own + e * sum(groups.values())
+def _branch_bytes(sites: list, e: int, mask: int | None, x_grad: bool) -> tuple[int, bool]:
+    """(bytes per token the LoRA branches `sites` save, whether one of them saves x itself).
 
-
-def _lora_bytes(sites: list, e: int, mask: int, input_grad: bool, groups: dict):
-    """(bytes per token of the LoRA branches' own tensors, {shared input group: features}).
-
-    A branch saves A's output (a*r) and needs its input x: shared with the layer when the dtypes
-    match and there is no dropout (one copy per input group), else its own cast copy (a*in), or
-    with dropout its output plus the mask (`mask` bytes per element, only when x needs a grad).
+    A branch saves A's output (a*r) and A's input: x itself when the adapter dtype matches and
+    there is no dropout (shared with every other user of x), else a cast copy (a*in); with dropout
+    the dropped copy (a*in) plus the mask when x needs a grad (`mask` bytes per element, or a).
     """
-    groups = dict(groups)
-    own = 0
+    own, uses_x = 0, False
     for site in sites:
         a = site.dtype.itemsize
         own += a * site.r
-        group = _INPUT_GROUP.get(site.path.rsplit(".", 1)[-1], site.path)
         if site.dropout > 0:
-            own += (a + ((mask or a) if input_grad else 0)) * site.in_features
+            own += (a + ((mask or a) if x_grad else 0)) * site.in_features
         elif a != e:
             own += a * site.in_features
-        elif group != "attn_out":
-            groups.setdefault(group, site.in_features)
-    return own, groups
+        else:
+            uses_x = True
+    return own, uses_x
+
+
+def _layer_bytes(arch: Arch, e: int, full: bool, sites: list, mask: int | None,
+                 grad_in: bool) -> tuple[int, bool]:
+    """(bytes per token one decoder layer saves, whether its output needs a grad), see the module
+    docstring. `sites`: its LoRA sites; `mask`: dropout mask bytes per element (None: those of
+    the adapter dtype); `grad_in`: the layer's input needs a grad. An op saves for backward only
+    when one of its inputs needs a grad, so a layer saves nothing before its first trainable
+    tensor."""
+    if not arch.exact:
+        own, _ = _branch_bytes(sites, e, mask, True)
+        return (16 * e + 2) * arch.hidden + own, True
+    h, inter = arch.hidden, arch.intermediate
+    hq, hkv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    by_name: dict[str, list] = {}
+    for site in sites:
+        by_name.setdefault(site.path.rsplit(".", 1)[-1], []).append(site)
+
+    def trains(names):
+        return full or any(n in by_name for n in names)
+
+    def linears(names, features, x_grad):  # own bytes, bytes of x if some user saves it
+        own, uses_x = _branch_bytes([s for n in names for s in by_name.get(n, [])], e, mask,
+                                    x_grad)
+        return own, e * features if uses_x or full else 0
+
+    norm = 4 * h + 4  # fp32 input (or its upcast copy) and rsqrt, when the input needs a grad
+    total = (norm if grad_in else 0) + (e * h if full else 0)
+    g = grad_in or full
+    own, x = linears(_ATTN_IN, h, g)
+    total += own + x
+    g_attn = g or trains(_ATTN_IN)
+    total += (e * (2 * hq + 2 * hkv) + 4 * arch.heads) if g_attn else 0
+    own, x = linears(_ATTN_OUT, hq, g_attn)
+    total += own + (0 if g_attn else x)  # SDPA already saved its output
+    g = g_attn or trains(_ATTN_OUT)
+    total += (norm if g else 0) + (e * h if full else 0)
+    g = g or full
+    own, x = linears(_MLP_IN, h, g)
+    total += own + x
+    g_gate, g_up = g or trains(_MLP_IN[:1]), g or trains(_MLP_IN[1:])
+    total += e * inter * (2 * g_gate + g_up)  # silu saves gate; gate*up saves up and/or silu
+    own, x = linears(_MLP_ACT, inter, g_gate or g_up)
+    total += own + x
+    known = _ATTN_IN + _ATTN_OUT + _MLP_IN + _MLP_ACT
+    rest, _ = _branch_bytes([s for n, v in by_name.items() if n not in known for s in v], e,
+                            mask, True)
+    return total + rest, g or g_gate or g_up or trains(_MLP_ACT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,16 +182,21 @@ def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad
     by_layer: dict[int | None, list] = {}
     for site in lora_sites:
         by_layer.setdefault(targets.layer_index(site.path, None), []).append(site)
-    per_layer = [_layer_bytes(arch, e, full, by_layer.get(i, []), mask, input_grad or i > 0)
-                 for i in range(arch.layers)]
+    per_layer, grad, rotary = [], input_grad, False
+    for i in range(arch.layers):
+        sites = by_layer.get(i, [])
+        rotary = rotary or grad or full or any(
+            s.path.rsplit(".", 1)[-1] in _ATTN_IN[:2] for s in sites)
+        saved, grad = _layer_bytes(arch, e, full, sites, mask, grad)
+        per_layer.append(saved)
     h = arch.hidden
-    if arch.exact:
-        fixed = tokens * (4 * h + 4 + (2 * e * h + 8 if full else 0))
-        fixed += 2 * seq * arch.head_dim * e
+    if arch.exact:  # final norm, embedding indices, rotary cos/sin
+        fixed = tokens * ((4 * h + 4 if grad else 0) + (2 * e * h + 8 if full else 0))
+        fixed += 2 * seq * arch.head_dim * e if rotary else 0
     else:
         fixed = tokens * e * h
-    own, groups = _lora_bytes(by_layer.get(None, []), e, mask, True, {})
-    fixed += tokens * (own + e * sum(groups.values()))
+    own, uses_x = _branch_bytes(by_layer.get(None, []), e, mask, grad)
+    fixed += tokens * (own + (e * h if uses_x and not full else 0))
     return Activations(
         layers=tokens * sum(per_layer),
         largest_layer=tokens * max(per_layer),

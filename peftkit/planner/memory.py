@@ -10,9 +10,14 @@
 - logits: transformers' causal-LM loss upcasts the logits to fp32; at the start of backward the
   fp32 log-probabilities (saved by log_softmax), their gradient and the logits' gradient are alive:
   12 * vocab bytes per token, plus the int64 labels.
-- total: weights + optimizer + the larger of (activations + logits + QLoRA's dequantized weight,
-  at the start of backward) and (gradients + one layer's activations, at its end). The fused AdamW
-  step (transformers' default `adamw_torch_fused`) needs no extra memory.
+- total: weights + optimizer + the larger of two moments of backward (the profiler on CPU puts
+  the peak in the first for every case of `tests/test_planner.py`):
+  - its start, in LogSoftmaxBackward: all activations (under checkpointing: the layers' inputs
+    and the once-per-step tensors, no layer's internals yet) + logits;
+  - a layer's backward: the once-per-step tensors, that layer's (recomputed) activations, the
+    layers' inputs under checkpointing, all gradients (a bound: they are complete only at the
+    end), and QLoRA's dequantized weight.
+  The fused AdamW step (transformers' default `adamw_torch_fused`) needs no extra memory.
 Not counted: the CUDA context and kernels' workspaces, allocator fragmentation, data batches.
 """
 
@@ -61,9 +66,11 @@ class Plan:
 
     @property
     def total(self) -> int:
-        start = self.activation_bytes + self.logits + self.dequant
-        end = self.gradients + self.activations.largest_layer
-        return self.weight_bytes + self.optimizer + max(start, end)
+        a = self.activations
+        kept = a.fixed + (a.checkpoints if self.checkpointing else 0)
+        start = (kept if self.checkpointing else a.plain) + self.logits
+        layer = kept + a.largest_layer + self.gradients + self.dequant
+        return self.weight_bytes + self.optimizer + max(start, layer)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
