@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo",)
+COMMANDS = ("train", "eval", "generate", "chat", "merge")
 
 
 def build_parser() -> argparse.ArgumentParser:
