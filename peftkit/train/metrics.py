@@ -49,7 +49,8 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
                     label="train" if key == "loss" else "eval")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if any(xs for xs, _ in series.values()):
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
