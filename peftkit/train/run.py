@@ -89,7 +89,9 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool):
         label_names=["labels"],
         remove_unused_columns=False,
         report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
+        # Without an accelerator, accelerate must be told CPU to run torchrun ranks as DDP (gloo).
+        use_cpu=not torch.accelerator.is_available(),
+        dataloader_pin_memory=torch.accelerator.is_available(),
     )
 
 
