@@ -180,3 +180,12 @@ def test_data_errors_reach_the_user(model_dir, tmp_path, capsys):
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "answer": "b"}\n')
     rc, _, err = run(capsys, *train_args(model_dir, str(bad), tmp_path / "o2"))
     assert rc == 2 and f"{bad}:2: missing field 'completion'" in err
+
+
+def test_chat_answers_each_line_until_an_empty_one(model_dir, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/reset\nho\n\nnot read\n"))
+    rc, out, err = run(capsys, "chat", "--model", model_dir, "--max-new-tokens", 3)
+    assert rc == 0, err
+    assert len(out.splitlines()) == 2  # one reply per user line; /reset and the end print none
