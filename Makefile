@@ -14,8 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The bundled ledger-code task: zero-shot exact match, LoRA training, exact match after.
 demo: $(STAMP)
-	$(BIN)/python -m peftkit.demo
+	$(BIN)/python -m peftkit.train.demo_task demo_data
+	@echo "== zero-shot =="
+	$(BIN)/peftkit eval --data demo_data/test.jsonl --max-new-tokens 16 --show 2
+	$(BIN)/peftkit train --config examples/demo.yaml --overwrite
+	@echo "== after LoRA =="
+	$(BIN)/peftkit eval --adapter runs/demo --data demo_data/test.jsonl --max-new-tokens 16 --show 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

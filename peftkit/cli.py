@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "estimate", "doctor")
+COMMANDS = ("train", "eval", "generate", "chat", "merge", "estimate", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

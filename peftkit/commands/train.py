@@ -1,0 +1,23 @@
+"""`peftkit train`: fine-tune a model on a data file with any method; see `peftkit.train.run`."""
+
+from __future__ import annotations
+
+from ..train import methods, options
+from .common import user_errors
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="fine-tune on a data file (LoRA by default)",
+        description="Fine-tune with --method " + "|".join(methods.METHODS) + ". Options may "
+        "come from a YAML --config (keys = flag names in snake_case); flags override it.")
+    options.add_train_arguments(p)
+    p.set_defaults(func=_run)
+
+
+@user_errors
+def _run(args) -> int:
+    from ..train.run import train
+
+    train(options.resolve(args))
+    return 0

@@ -1,0 +1,50 @@
+"""Load what the commands run: a base model (default: the embedded SmolLM2-135M-Instruct) and its
+tokenizer, optionally with a saved adapter on top; a merged model folder loads as a base model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import models
+from ..config import PeftConfig
+from ..model import PeftModel
+
+
+def model_path(model: str | None) -> str:
+    if model is None or model == models.DEFAULT_MODEL:
+        return models.default_model_path()
+    return model
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(model: str | None = None, dtype: torch.dtype = torch.float32, **kwargs):
+    """(model, tokenizer) from a folder or hub id; `None` is the embedded default model."""
+    from transformers import AutoModelForCausalLM
+
+    path = model_path(model)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    base.name_or_path = model or models.DEFAULT_MODEL
+    return base, load_tokenizer(path)
+
+
+def load_for_inference(adapter: str | None = None, model: str | None = None):
+    """(model in eval mode, tokenizer). With `adapter`, the base is `model` or else the one named
+    in its adapter_config.json; the tokenizer saved next to the adapter wins when there is one."""
+    if adapter is None:
+        base, tokenizer = load_base(model)
+        return base.eval(), tokenizer
+    config = PeftConfig.from_pretrained(adapter)
+    base, tokenizer = load_base(model or config.base_model_name_or_path)
+    if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
+        tokenizer = load_tokenizer(adapter)
+    return PeftModel.from_pretrained(base, adapter, config=config).eval(), tokenizer

@@ -1,0 +1,212 @@
+"""`peftkit train` end to end: options -> model + method -> data -> Trainer -> adapter + summary.
+
+Files in the output directory: the adapter (PEFT layout) or, for `--method full`, the whole
+model; the tokenizer; `checkpoint-N/` folders; `metrics.jsonl`; `loss_curve.png`;
+`run_summary.json`. Under torchrun every rank trains and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+
+from ..checkpoint import atomic_write_text
+from ..model import PeftModel, get_peft_model
+from . import loading, methods, options
+from .examples import Collator, load_examples, pack
+from .metrics import METRICS, JsonlLogger
+from .trainer import AdapterTrainer, is_complete, last_complete_checkpoint
+
+SUMMARY = "run_summary.json"
+
+
+def check_output_dir(args: argparse.Namespace) -> str | bool | None:
+    """Refuse a non-empty output dir unless --overwrite/--resume; return the checkpoint to
+    resume from (or None)."""
+    out = args.output_dir
+    exists = os.path.isdir(out) and bool(os.listdir(out))
+    if args.resume:
+        if args.resume is not True:
+            if not is_complete(args.resume):
+                raise ValueError(f"{args.resume} is not a complete checkpoint")
+            return args.resume
+        found = last_complete_checkpoint(out)
+        if found is None:
+            raise ValueError(f"--resume: no complete checkpoint-N folder in {out}")
+        return found
+    if exists and not args.overwrite:
+        raise ValueError(f"output directory {out} exists and is not empty; pass --overwrite to "
+                         "write into it or --resume to continue its last checkpoint")
+    return None
+
+
+def _split(data, fraction: float, seed: int):
+    order = list(range(len(data.examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(order)))
+    if n_eval >= len(order):
+        raise ValueError(f"--eval-split {fraction} leaves no training rows")
+    pick = lambda idx: [data.examples[i] for i in sorted(idx)]  # noqa: E731
+    return pick(order[n_eval:]), pick(order[:n_eval])
+
+
+def _training_arguments(args: argparse.Namespace, has_eval: bool):
+    from transformers import TrainingArguments
+
+    def strategy(steps):
+        return ("steps", steps) if steps else ("epoch", None)
+
+    save_strategy, save_steps = strategy(args.save_steps)
+    eval_strategy, eval_steps = strategy(args.eval_steps) if has_eval else ("no", None)
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler,
+        max_grad_norm=args.max_grad_norm,
+        fp16=args.fp16,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=args.logging_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=eval_steps,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
+        save_total_limit=args.save_total_limit,
+        label_names=["labels"],
+        remove_unused_columns=False,
+        report_to="none",
+        # Without an accelerator, accelerate must be told CPU to run torchrun ranks as DDP (gloo).
+        use_cpu=not torch.accelerator.is_available(),
+        dataloader_pin_memory=torch.accelerator.is_available(),
+    )
+
+
+class PeakMemory:
+    """Peak memory of the process from `start()` on: CUDA allocated bytes when on GPU, else the
+    resident set high-water mark (Linux VmHWM, reset through /proc/self/clear_refs)."""
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+            except OSError:
+                pass
+
+    def read(self) -> dict:
+        if torch.cuda.is_available():
+            return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
+                    "peak_memory_kind": "cuda_max_allocated"}
+        try:
+            with open("/proc/self/status") as fh:
+                kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+            return {"peak_memory_mb": kb / 1024, "peak_memory_kind": "process_peak_rss"}
+        except (OSError, StopIteration):
+            return {"peak_memory_mb": None, "peak_memory_kind": "unavailable"}
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training as `args` says; return the run summary (also written to run_summary.json)."""
+    from transformers import set_seed
+
+    for name in options.REQUIRED:
+        if not getattr(args, name):
+            raise ValueError(f"--{name.replace('_', '-')} is required (flag or --config key)")
+    spec, method_opts = methods.resolve(args.method, options.method_options(args))
+    resume = check_output_dir(args)
+    set_seed(args.seed)
+    model, tokenizer = loading.load_base(args.model, **spec.model_kwargs(method_opts))
+    if spec.prepare is not None:
+        model = spec.prepare(model)
+    config = spec.config(method_opts)
+    if config is not None:
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, config)
+
+    data = load_examples(args.data, tokenizer, args.max_length)
+    notes = list(data.notes)
+    train_rows, eval_rows = data.examples, None
+    if args.eval_data:
+        eval_data = load_examples(args.eval_data, tokenizer, args.max_length)
+        eval_rows, notes = eval_data.examples, notes + eval_data.notes
+    elif args.eval_split:
+        train_rows, eval_rows = _split(data, args.eval_split, args.seed)
+    if args.packing:
+        train_rows = pack(train_rows, args.max_length)
+        notes.append(f"packed {len(data.examples)} rows into {len(train_rows)} sequences")
+
+    training_args = _training_arguments(args, eval_rows is not None)
+    if training_args.should_save:
+        for note in notes:
+            print(f"peftkit train: {note}", flush=True)
+        if not resume and os.path.isfile(os.path.join(args.output_dir, METRICS)):
+            os.unlink(os.path.join(args.output_dir, METRICS))
+    trainer = AdapterTrainer(
+        model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
+        data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+        callbacks=[JsonlLogger(args.output_dir)],
+    )
+    memory = PeakMemory()
+    memory.start()
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - started
+    metrics = {"train_loss": result.training_loss}
+    if eval_rows is not None:
+        metrics.update({k: v for k, v in trainer.evaluate().items()
+                        if k in ("eval_loss", "epoch")})
+    trainer.save_model(args.output_dir)
+
+    trainable, total = _count_parameters(model)
+    summary = {
+        "method": args.method, "model": args.model or "SmolLM2-135M-Instruct",
+        "data": args.data, "format": data.fmt, "train_rows": len(data.examples),
+        "truncated_rows": data.truncated, "dropped_rows": data.dropped,
+        "trainable_params": trainable, "all_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "steps": trainer.state.global_step, "world_size": training_args.world_size,
+        "wall_time_s": wall, **memory.read(), "final_metrics": metrics,
+        "resumed_from": resume,
+    }
+    if trainer.is_world_process_zero():
+        atomic_write_text(os.path.join(args.output_dir, SUMMARY),
+                          json.dumps(summary, indent=2) + "\n")
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def _count_parameters(model) -> tuple[int, int]:
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def format_summary(s: dict) -> str:
+    metrics = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in s["final_metrics"].items())
+    memory = ("n/a" if s["peak_memory_mb"] is None
+              else f"{s['peak_memory_mb']:.0f} MiB ({s['peak_memory_kind']})")
+    return "\n".join([
+        f"trainable params: {s['trainable_params']:,d} || all params: {s['all_params']:,d} || "
+        f"trainable%: {s['trainable_percent']:.4f}",
+        f"steps: {s['steps']}  wall time: {s['wall_time_s']:.1f} s  peak memory: {memory}",
+        f"final metrics: {metrics}",
+    ])

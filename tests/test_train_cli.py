@@ -1,0 +1,198 @@
+"""`peftkit train|eval|generate|merge` end to end on a tiny model, YAML configs, resume, and every
+bad-input case of the train command."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit import cli
+from peftkit.train import methods
+from train_fixtures import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for b in range(4)]
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# Methods whose adapters cannot be folded into the weights (peftkit refuses to merge them).
+UNMERGEABLE = {"adapter", "prompt"}
+
+
+def run(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def train_args(model_dir, data, out, *extra):
+    return ["train", "--model", model_dir, "--data", data, "--output-dir", out,
+            "--batch-size", 4, "--grad-accum", 1, "--logging-steps", 1, "--learning-rate", 1e-2,
+            *extra]
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_train_save_eval_generate_merge(method, model_dir, data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    rc, stdout, err = run(capsys, *train_args(model_dir, data, out, "--method", method,
+                                              "--max-steps", 3, "--eval-split", 0.25))
+    assert rc == 0, err
+    assert "trainable params:" in stdout
+    summary = json.load(open(os.path.join(out, "run_summary.json")))
+    assert summary["steps"] == 3 and summary["method"] == method
+    assert 0 < summary["trainable_params"] <= summary["all_params"]
+    assert {"train_loss", "eval_loss"} <= set(summary["final_metrics"])
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3]
+    assert os.path.getsize(os.path.join(out, "loss_curve.png")) > 0
+
+    is_adapter = method != "full"
+    where = ["--adapter", out] if is_adapter else ["--model", out]
+    rc, stdout, err = run(capsys, "eval", *where, "--data", data, "--json", "--max-new-tokens", 4)
+    assert rc == 0, err
+    result = json.loads(stdout)
+    assert result["n"] == 16 and 0 <= result["exact_match"] <= 1 and result["loss"] > 0
+    rc, _, err = run(capsys, "generate", *where, "--prompt", "1+2=", "--raw",
+                     "--max-new-tokens", 3)
+    assert rc == 0, err
+    if not is_adapter:
+        return
+    merged = str(tmp_path / "merged")
+    rc, _, err = run(capsys, "merge", "--adapter", out, "--output-dir", merged)
+    if method in UNMERGEABLE:
+        assert rc == 2 and "cannot be folded" in err, err
+        return
+    assert rc == 0, err
+    rc, stdout, err = run(capsys, "eval", "--model", merged, "--data", data, "--json",
+                          "--max-new-tokens", 4)
+    assert rc == 0, err
+    merged_result = json.loads(stdout)
+    assert merged_result["exact_match"] == result["exact_match"]
+    assert merged_result["loss"] == pytest.approx(result["loss"], abs=1e-5)
+
+
+def test_lora_adapter_is_peft_layout_and_loads_in_peft(model_dir, data, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "run")
+    rc, _, err = run(capsys, *train_args(model_dir, data, out, "--max-steps", 2, "--r", 4,
+                                         "--target-modules", "q_proj,k_proj"))
+    assert rc == 0, err
+    config = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert (config["peft_type"], config["r"], sorted(config["target_modules"])) == (
+        "LORA", 4, ["k_proj", "q_proj"])
+    state = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.") and ".lora_" in k for k in state)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out)
+    from peftkit.train.loading import load_for_inference
+
+    ours, _ = load_for_inference(out)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits)
+
+
+def test_yaml_config_with_command_line_overrides(model_dir, data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model_dir}\ndata: {data}\noutput_dir: {out}\nr: 4\n"
+                      "lora_alpha: 8\nmax_steps: 2\nlearning_rate: 2e-4\nbatch_size: 4\n"
+                      "target_modules: q_proj,v_proj\n")
+    rc, _, err = run(capsys, "train", "--config", config, "--r", 2)
+    assert rc == 0, err
+    saved = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert (saved["r"], saved["lora_alpha"]) == (2, 8)
+    state = json.load(open(os.path.join(out, "checkpoint-2", "trainer_state.json")))
+    assert state["max_steps"] == 2
+    config.write_text("learning_rat: 0.1\n")
+    rc, _, err = run(capsys, "train", "--config", config)
+    assert rc == 2 and "unknown option(s) ['learning_rat']" in err
+
+
+def test_resume_after_interrupted_save_matches_uninterrupted_run(
+        model_dir, data, tmp_path, capsys, monkeypatch):
+    from peftkit.train.trainer import AdapterTrainer
+
+    common = ["--max-steps", 6, "--save-steps", 2, "--lora-dropout", 0.1, "--seed", 3]
+    straight = str(tmp_path / "straight")
+    assert run(capsys, *train_args(model_dir, data, straight, *common))[0] == 0
+
+    crashed = str(tmp_path / "crashed")
+    original = AdapterTrainer._save_rng_state
+
+    def crash_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt("power cut while saving")
+        original(self, output_dir)
+
+    monkeypatch.setattr(AdapterTrainer, "_save_rng_state", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([str(a) for a in train_args(model_dir, data, crashed, *common)])
+    monkeypatch.setattr(AdapterTrainer, "_save_rng_state", original)
+    assert os.path.isfile(os.path.join(crashed, "checkpoint-4", "adapter_model.safetensors"))
+    assert not os.path.exists(os.path.join(crashed, "checkpoint-4", "trainer_state.json"))
+
+    rc, _, err = run(capsys, *train_args(model_dir, data, crashed, *common))
+    assert rc == 2 and "--resume" in err  # the half-written run is not overwritten silently
+    rc, _, err = run(capsys, *train_args(model_dir, data, crashed, *common, "--resume"))
+    assert rc == 0, err
+    summary = json.load(open(os.path.join(crashed, "run_summary.json")))
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    a = load_file(os.path.join(straight, "adapter_model.safetensors"))
+    b = load_file(os.path.join(crashed, "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "dora"], "unknown method 'dora'; choose one of full, lora"),
+    (["--method", "full", "--r", 4], "--r does not apply to --method full (it applies to: lora"),
+    (["--resume"], "no complete checkpoint-N folder"),
+])
+def test_bad_method_flag_or_resume(model_dir, data, tmp_path, capsys, extra, message):
+    rc, _, err = run(capsys, *train_args(model_dir, data, str(tmp_path / "o"), *extra))
+    assert rc == 2 and message in err, err
+
+
+def test_existing_output_dir_refused_unless_overwrite(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    rc, _, err = run(capsys, *train_args(model_dir, data, out, "--max-steps", 1))
+    assert rc == 2 and "exists and is not empty" in err and "--overwrite" in err
+    rc, _, err = run(capsys, *train_args(model_dir, data, out, "--max-steps", 1, "--overwrite"))
+    assert rc == 0, err
+
+
+def test_data_errors_reach_the_user(model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    rc, _, err = run(capsys, *train_args(model_dir, str(empty), tmp_path / "o"))
+    assert rc == 2 and f"{empty}: the dataset is empty" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "answer": "b"}\n')
+    rc, _, err = run(capsys, *train_args(model_dir, str(bad), tmp_path / "o2"))
+    assert rc == 2 and f"{bad}:2: missing field 'completion'" in err
+
+
+def test_chat_answers_each_line_until_an_empty_one(model_dir, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/reset\nho\n\nnot read\n"))
+    rc, out, err = run(capsys, "chat", "--model", model_dir, "--max-new-tokens", 3)
+    assert rc == 0, err
+    assert len(out.splitlines()) == 2  # one reply per user line; /reset and the end print none
