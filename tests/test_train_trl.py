@@ -1,9 +1,7 @@
-"""The seed's path: TRL's `SFTTrainer` training peftkit LoRA on prompt/completion rows.
+"""The seed's path: TRL's `SFTTrainer` training a peftkit LoRA model on prompt/completion rows.
 
-TRL recognizes PEFT models by `isinstance(model, peft.PeftModel)` and otherwise patches the
-model's forward with its fused LM head, which needs a transformers model. So SFTTrainer gets the
-adapted transformers model (`peft_model.get_base_model()`, LoRA layers injected in place, only
-adapter tensors trainable) and the adapter is saved through the peftkit wrapper."""
+TRL does not know peftkit's `PeftModel`, so it patches its forward with TRL's fused LM-head loss,
+which runs `model.base_model(...)` as a backbone; `TunedModel` answers that call as one."""
 
 import os
 
@@ -31,7 +29,7 @@ def test_sft_trainer_trains_a_peftkit_lora_model(tmp_path):
                          gradient_accumulation_steps=1, max_steps=3, learning_rate=1e-2,
                          report_to="none", save_strategy="no", logging_steps=1,
                          dataloader_pin_memory=False, bf16=False)
-    trainer = trl.SFTTrainer(model=model.get_base_model(), args=args, train_dataset=Dataset.from_list(rows),
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer)
     trainer.train()
     after = model.adapter_tensors("default")
