@@ -37,6 +37,7 @@ from .. import targets
 from ..config import PeftConfig, PeftType, check, register_config
 from .base import (AdapterLayer, Method, ModulesToSaveWrapper, add_modules_to_save,
                    register_method, replace_module)
+from .lora_fn import lora_forward
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -256,14 +257,14 @@ class LoraLinear(AdapterLayer):
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y
-        out = y
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            lora_a = self.lora_A[name]
-            h = self.lora_dropout[name](x.to(lora_a.weight.dtype))
-            out = out + self.lora_B[name](lora_a(h)) * self.scaling[name]
-        return out.to(y.dtype)
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            y = lora_forward(y, x, self.lora_A[name].weight, self.lora_B[name].weight,
+                             self.scaling[name], p)
+        return y
 
 
 class LoraMethod(Method):
