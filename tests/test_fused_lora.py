@@ -83,7 +83,8 @@ def test_bf16_base_fp32_adapters_match_peft():
 
 def test_function_matches_closed_form_with_its_mask():
     """Given the mask it drew, the function's output and every gradient equal autograd through
-    the explicit formula y + s * ((x * keep / (1 - p)) @ A^T) @ B^T."""
+    the explicit formula y + s * ((x * keep / (1 - p)) @ A^T) @ B^T, up to fp32 rounding (the
+    function applies 1 / (1 - p) after the matmul: values ~10, so ~1e-6 absolute)."""
     torch.manual_seed(0)
     y, x = torch.randn(3, 5, 6, requires_grad=True), torch.randn(3, 5, 8, requires_grad=True)
     a, b = torch.randn(4, 8, requires_grad=True), torch.randn(6, 4, requires_grad=True)
@@ -96,9 +97,9 @@ def test_function_matches_closed_form_with_its_mask():
     got = torch.autograd.grad((out * w).sum(), (y, x, a, b))
     ref_out = y + s * ((x * keep / (1 - p)) @ a.T) @ b.T
     expected = torch.autograd.grad((ref_out * w).sum(), (y, x, a, b))
-    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 class Tiny(nn.Module):
