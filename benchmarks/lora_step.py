@@ -7,6 +7,8 @@ Each process loads the model, injects the same LoRA config with the same seed, a
 
 - step time: the median over the measured steps (forward, backward, optimizer step);
 - tokens/s: batch x sequence / median step time;
+- CPU time: the process's CPU seconds per step (median), steadier than wall time on a machine
+  shared with other jobs;
 - peak training memory: on CPU the peak RSS during the steps minus the RSS of the loaded,
   wrapped model (the high-water mark is reset through /proc/self/clear_refs before the first
   step); on CUDA `max_memory_allocated` minus the allocation before the first step.
@@ -39,6 +41,7 @@ CASES = {
     "all-linear": ("smollm2", "float32", "all-linear", 0.05, 4, 256, VARIANTS),
     "bf16": ("smollm2", "bfloat16", QKVO, 0.05, 4, 256, VARIANTS),
     "qlora": ("smollm2-nf4", "float32", QKVO, 0.05, 4, 128, VARIANTS),
+    "tiny": ("tiny-llama", "float32", QKVO, 0.05, 2, 16, VARIANTS),  # a smoke test
     **{f"seq{t}": ("smollm2", "float32", QKVO, 0.05, 1, t, ("peft", "peftkit+fused-loss"))
        for t in (128, 256, 512, 1024)},
     **{f"llama-seq{t}": ("llama-random", "float32", QKVO, 0.05, 1, t,
@@ -73,6 +76,8 @@ def load_model(name: str, dtype):
                                    bnb_4bit_compute_dtype=torch.float32)
         return AutoModelForCausalLM.from_pretrained(models.default_model_path(), dtype=dtype,
                                                     quantization_config=quant, device_map="cpu")
+    if name == "tiny-llama":
+        return models.tiny_llama(0).to(dtype)
     if name == "llama-random":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,9 +125,9 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
         base = rss_mb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = loss_fn()
         loss.backward()
         opt.step()
@@ -131,11 +136,12 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         losses.append(loss.item())
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else rss_mb("VmHWM") - base
     step = statistics.median(times)
-    return dict(case=case, variant=variant, step_s=step, tokens_s=batch * seq / step,
-                peak_mb=peak, times=times, losses=losses)
+    return dict(case=case, variant=variant, step_s=step, cpu_s=statistics.median(cpu_times),
+                tokens_s=batch * seq / step, peak_mb=peak, times=times, losses=losses)
 
 
 # -- the driver -------------------------------------------------------------------------------
@@ -156,24 +162,22 @@ def describe(case: str) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| case | variant | step time (s) | tokens/s | peak training memory (MB) "
-            "| time / PEFT | memory / PEFT |", "|---|---|---|---|---|---|---|"]
+    rows = ["| case | variant | step time (s) | tokens/s | CPU time (s) | peak training memory (MB) "
+            "| time / PEFT | CPU time / PEFT | memory / PEFT |", "|---|---|---|---|---|---|---|---|---|"]
     for case in dict.fromkeys(r["case"] for r in results):
         by_variant = {}
         for r in results:
             if r["case"] == case:
                 by_variant.setdefault(r["variant"], []).append(r)
-        merged = {v: dict(step_s=statistics.median(x["step_s"] for x in rs),
-                          peak_mb=statistics.median(x["peak_mb"] for x in rs))
+        merged = {v: {k: statistics.median(x[k] for x in rs) for k in ("step_s", "cpu_s", "peak_mb")}
                   for v, rs in by_variant.items()}
         ref = merged.get("peft")
         _, _, _, _, batch, seq, _ = CASES[case]
         for v, m in merged.items():
-            ratio_t = f"{m['step_s'] / ref['step_s']:.2f}x" if ref else ""
-            ratio_m = f"{m['peak_mb'] / ref['peak_mb']:.2f}x" if ref else ""
+            ratios = [f"{m[k] / ref[k]:.2f}x" if ref else "" for k in ("step_s", "cpu_s", "peak_mb")]
             rows.append(f"| {describe(case)} | {v} | {m['step_s']:.2f} | "
-                        f"{batch * seq / m['step_s']:.0f} | {m['peak_mb']:,.0f} | "
-                        f"{ratio_t} | {ratio_m} |")
+                        f"{batch * seq / m['step_s']:.0f} | {m['cpu_s']:.1f} | {m['peak_mb']:,.0f} | "
+                        + " | ".join(ratios) + " |")
     return "\n".join(rows)
 
 
@@ -209,7 +213,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for variant in CASES[case][6]:
                 r = spawn(case, variant, args)
-                print(f"{case:10s} {variant:20s} {r['step_s']:7.2f} s  {r['peak_mb']:8,.0f} MB  "
+                print(f"{case:10s} {variant:20s} {r['step_s']:7.2f} s  {r['cpu_s']:7.1f} cpu-s  "
+                      f"{r['peak_mb']:8,.0f} MB  "
                       f"losses {['%.4f' % x for x in r['losses']]}", flush=True)
                 results.append(r)
     text = table(results)

@@ -74,7 +74,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None,
                    num_items_in_batch: int | torch.Tensor | None = None,
-                   chunk_size: int = 512, **kwargs) -> torch.Tensor:
+                   chunk_size: int = 256, **kwargs) -> torch.Tensor:
     """The loss `model(input_ids, labels=labels, ...).loss` would give, without full logits.
 
     model: a transformers causal LM (or a PeftModel around one) whose logits are
