@@ -214,17 +214,20 @@ def main() -> None:
             for variant in CASES[case][6]:
                 r = spawn(case, variant, args)
                 print(f"{case:10s} {variant:20s} {r['step_s']:7.2f} s  {r['cpu_s']:7.1f} cpu-s  "
-                      f"{r['peak_mb']:8,.0f} MB  "
-                      f"losses {['%.4f' % x for x in r['losses']]}", flush=True)
+                      f"{r['peak_mb']:8,.0f} MB  losses {['%.4f' % x for x in r['losses']]}",
+                      flush=True)
                 results.append(r)
-    text = table(results)
-    print(text)
-    if args.write:
-        command = "python " + " ".join(["benchmarks/lora_step.py"] + sys.argv[1:])
-        with open(args.write, "w") as f:
-            f.write(HEADER.format(command=command, machine=machine(), device=args.device,
-                                  steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                                  minutes=(time.time() - start) / 60, table=text))
+        if args.write:  # after every case, so a cut-short run still leaves its table
+            write(args, results, time.time() - start)
+    print(table(results))
+
+
+def write(args, results: list[dict], seconds: float) -> None:
+    command = "python " + " ".join(["benchmarks/lora_step.py"] + sys.argv[1:])
+    with open(args.write, "w") as f:
+        f.write(HEADER.format(command=command, machine=machine(), device=args.device,
+                              steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                              minutes=seconds / 60, table=table(results)))
 
 
 HEADER = """# Benchmarks: LoRA training step, peftkit vs Hugging Face PEFT
