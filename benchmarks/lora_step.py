@@ -10,8 +10,9 @@ Each process loads the model, injects the same LoRA config with the same seed, a
 - CPU time: the process's CPU seconds per step (median), steadier than wall time on a machine
   shared with other jobs;
 - peak training memory: on CPU the peak RSS during the steps minus the RSS of the loaded,
-  wrapped model (the high-water mark is reset through /proc/self/clear_refs before the first
-  step); on CUDA `max_memory_allocated` minus the allocation before the first step.
+  wrapped model (weights copied to anonymous memory, `malloc_trim`, then the high-water mark
+  reset through /proc/self/clear_refs before the first step); on CUDA `max_memory_allocated`
+  minus the allocation before the first step.
 
 Variants: `peft` computes `model(input_ids, labels=...).loss`; `peftkit` the same through
 peftkit's LoRA layers; `peftkit+fused-loss` uses `peftkit.loss.causal_lm_loss` (output head and
@@ -23,6 +24,8 @@ cross-entropy fused and chunked; same loss value, no full logits).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -92,6 +95,9 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
     model_name, dtype_name, targets, dropout, batch, seq, _ = CASES[case]
     dtype = getattr(torch, dtype_name)
     model = load_model(model_name, dtype).to(device)
+    with torch.no_grad():  # weights in anonymous memory: file-backed pages of a memory-mapped
+        for p in model.parameters():  # checkpoint come and go with the page cache
+            p.data = p.data.clone()
     kw = dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets,
               task_type="CAUSAL_LM")
     torch.manual_seed(0)
@@ -122,6 +128,8 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what loading freed
         base = rss_mb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
