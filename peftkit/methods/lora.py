@@ -162,7 +162,8 @@ class LoraLinear(AdapterLayer):
     """Wraps a linear layer (`nn.Linear`, `Conv1D`, or a k-bit linear) with named LoRA adapters.
 
     In memory the keys are PEFT's: `<path>.base_layer.weight`, `<path>.lora_A.<name>.weight`.
-    Input x: (..., in_features); output: (..., out_features) in the base layer's dtype.
+    Input x: (..., in_features); output: (..., out_features) in the base layer's dtype. Each
+    active adapter's branch runs through `lora_fn.LoraFunction` (saves x, not a dropped copy).
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
