@@ -249,7 +249,8 @@ alternating; {warmup} warm-up step, then the median of {steps} measured steps (A
 r=16, lora_alpha=32, random tokens with labels = inputs). The run took {minutes:.0f} minutes.
 
 Peak training memory: the peak RSS during the steps above the RSS of the loaded model with its
-adapters (on CUDA: `max_memory_allocated` above the allocation before the first step).
+adapters (weights copied to anonymous memory and `malloc_trim` before the baseline; on CUDA:
+`max_memory_allocated` above the allocation before the first step).
 
 {table}
 """
