@@ -37,6 +37,7 @@ from .. import targets
 from ..config import PeftConfig, PeftType, check, register_config
 from .base import (AdapterLayer, Method, ModulesToSaveWrapper, add_modules_to_save,
                    register_method, replace_module)
+from .lora_fn import lora_forward
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -161,7 +162,8 @@ class LoraLinear(AdapterLayer):
     """Wraps a linear layer (`nn.Linear`, `Conv1D`, or a k-bit linear) with named LoRA adapters.
 
     In memory the keys are PEFT's: `<path>.base_layer.weight`, `<path>.lora_A.<name>.weight`.
-    Input x: (..., in_features); output: (..., out_features) in the base layer's dtype.
+    Input x: (..., in_features); output: (..., out_features) in the base layer's dtype. Each
+    active adapter's branch runs through `lora_fn.LoraFunction` (saves x, not a dropped copy).
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -261,14 +263,14 @@ class LoraLinear(AdapterLayer):
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y
-        out = y
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            lora_a = self.lora_A[name]
-            h = self.lora_dropout[name](x.to(lora_a.weight.dtype))
-            out = out + self.lora_B[name](lora_a(h)) * self.scaling[name]
-        return out.to(y.dtype)
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            y = lora_forward(y, x, self.lora_A[name].weight, self.lora_B[name].weight,
+                             self.scaling[name], p)
+        return y
 
 
 class LoraMethod(Method):

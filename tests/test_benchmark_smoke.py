@@ -1,0 +1,23 @@
+"""The benchmark's worker runs every variant on a tiny model and reports sane numbers."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import lora_step  # noqa: E402
+
+
+@pytest.mark.parametrize("variant", lora_step.VARIANTS)
+def test_worker_reports_a_step(variant):
+    r = lora_step.run_one("tiny", variant, steps=2, warmup=1, device="cpu")
+    assert r["step_s"] > 0 and r["cpu_s"] > 0 and r["peak_mb"] >= 0
+    assert len(r["losses"]) == 3 and r["losses"][0] > r["losses"][-1]
+
+
+def test_table_has_ratios():
+    rows = [dict(case="tiny", variant=v, step_s=s, cpu_s=s, peak_mb=m)
+            for v, s, m in (("peft", 2.0, 100.0), ("peftkit", 1.0, 50.0))]
+    text = lora_step.table(rows)
+    assert "| peftkit | 1.00 |" in text and "0.50x | 0.50x | 0.50x |" in text

@@ -1,0 +1,195 @@
+"""The LoRA autograd function and the fused loss compute what Hugging Face PEFT + transformers
+compute: exactly with dropout 0, in distribution with dropout > 0."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+from peftkit import models
+from peftkit.loss import causal_lm_loss
+from peftkit.methods import lora_fn
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def pair(model, **kw):
+    """(peft model, peftkit model) over copies of `model` with identical adapter weights."""
+    cfg = dict(r=16, lora_alpha=32, target_modules=QKVO)
+    cfg.update(kw)
+    ref = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg))
+    ours = peftkit.get_peft_model(model, peftkit.LoraConfig(**cfg))
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.requires_grad:
+                p.copy_(mine[name])
+    return ref, ours
+
+
+def batch(vocab=64, shape=(4, 16), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, shape, generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that is not scored
+    return ids, labels
+
+
+def trajectory(model, loss_fn, steps=20):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_dropout0_trajectory_equals_peft(fused_loss):
+    """20 AdamW steps from the same weights: every loss within 1e-4 relative of PEFT's (fp32
+    sums in another order differ by ~1e-7 relative per step; Adam can amplify that)."""
+    ref, ours = pair(models.tiny_llama(0))
+    ids, labels = batch()
+    expected = trajectory(ref.train(), lambda m: m(input_ids=ids, labels=labels).loss)
+    if fused_loss:
+        got = trajectory(ours.train(), lambda m: causal_lm_loss(m, ids, labels, chunk_size=7))
+    else:
+        got = trajectory(ours.train(), lambda m: m(input_ids=ids, labels=labels).loss)
+    assert expected[0] - expected[-1] > 0.1  # it does train, far beyond the tolerance
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
+
+
+def test_bf16_base_fp32_adapters_match_peft():
+    """A bf16 base with fp32 adapters: same outputs and adapter gradients as PEFT (the LoRA math
+    runs in fp32 in both; bf16 rounding of the result is the same)."""
+    ref, ours = pair(models.tiny_llama(0).to(torch.bfloat16), init_lora_weights=False)
+    ids, labels = batch()
+    grads = []
+    for m in (ref, ours):
+        loss = m.train()(input_ids=ids, labels=labels).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+        assert all(g.dtype == torch.float32 for g in grads[-1].values())
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=2e-2, atol=1e-4)
+
+
+def test_function_matches_closed_form_with_its_mask():
+    """Given the mask it drew, the function's output and every gradient equal autograd through
+    the explicit formula y + s * ((x * keep / (1 - p)) @ A^T) @ B^T, up to fp32 rounding (the
+    function applies 1 / (1 - p) after the matmul: values ~10, so ~1e-6 absolute)."""
+    torch.manual_seed(0)
+    y, x = torch.randn(3, 5, 6, requires_grad=True), torch.randn(3, 5, 8, requires_grad=True)
+    a, b = torch.randn(4, 8, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    p, s = 0.3, 1.7
+    torch.manual_seed(7)
+    keep = lora_fn.keep_mask(torch.Size((15, 8)), p, x.device).view(3, 5, 8)
+    torch.manual_seed(7)
+    out = lora_fn.lora_forward(y, x, a, b, s, p)
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), (y, x, a, b))
+    ref_out = y + s * ((x * keep / (1 - p)) @ a.T) @ b.T
+    expected = torch.autograd.grad((ref_out * w).sum(), (y, x, a, b))
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(32, 24)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def grad_samples(model, x, w, n):
+    """n draws of the flattened gradients (A, B, x) of sum(out * w), each with a fresh mask."""
+    a = next(p for name, p in model.named_parameters() if "lora_A" in name)
+    b = next(p for name, p in model.named_parameters() if "lora_B" in name)
+    rows = []
+    for _ in range(n):
+        xi = x.clone().requires_grad_(True)
+        ga, gb, gx = torch.autograd.grad((model(xi) * w).sum(), (a, b, xi))
+        rows.append(torch.cat([ga.flatten(), gb.flatten(), gx.flatten()]))
+    return torch.stack(rows)
+
+
+def test_dropout_gradient_statistics_match_peft():
+    """With dropout 0.1 each gradient element has the same mean and variance as under PEFT's
+    nn.Dropout: over 600 draws per library, every |z| of the difference of means is < 5 (2,400
+    elements: a false alarm has probability ~1e-3) and the summed variances agree within 10%
+    (their sampling error is ~3%)."""
+    torch.manual_seed(0)
+    ref, ours = pair(Tiny(), r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["lin"],
+                     init_lora_weights=False)
+    x, w = torch.randn(16, 32), torch.randn(16, 24)
+    ref_g = grad_samples(ref.train(), x, w, 600)
+    our_g = grad_samples(ours.train(), x, w, 600)
+    se = (ref_g.var(0) / 600 + our_g.var(0) / 600).sqrt()
+    z = (our_g.mean(0) - ref_g.mean(0)) / se.clamp(min=1e-12)
+    assert z.abs().max() < 5
+    ratio = our_g.var(0).sum() / ref_g.var(0).sum()
+    assert 0.9 < ratio < 1.1
+    assert ref_g.var(0).sum() > 0  # dropout is really on in both
+
+
+def test_eval_mode_has_no_dropout_and_matches_peft():
+    torch.manual_seed(0)
+    ref, ours = pair(Tiny(), r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["lin"],
+                     init_lora_weights=False)
+    x = torch.randn(16, 32)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_keep_mask_rate():
+    """1,000,000 draws: the kept fraction is 1 - p within 5 standard errors (0.0015 at p=0.3)."""
+    keep = lora_fn.keep_mask(torch.Size((1000, 1000)), 0.3, "cpu")
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.7) < 5 * 0.00046
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 1001])
+def test_bit_packing_round_trips(n):
+    mask = torch.rand(n) > 0.5
+    shape = torch.Size((n,))
+    packed = lora_fn.pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(lora_fn.unpack_bits(packed, shape), mask)
+    torch_packed = lora_fn._pack_bits_torch(mask)  # the path other devices take
+    assert torch.equal(torch_packed, packed)
+    assert torch.equal(lora_fn._unpack_bits_torch(torch_packed, shape), mask)
+
+
+def test_fused_loss_matches_transformers_with_trainable_head():
+    """Same loss and gradients as model(...).loss with a trainable (untied) lm_head and
+    num_items_in_batch; chunks of 5 tokens do not divide the 3 x 9 batch."""
+    model = peftkit.get_peft_model(models.tiny_llama(0), peftkit.LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    ids, labels = batch(shape=(3, 9))
+    results = []
+    for fn in (lambda: model(input_ids=ids, labels=labels, num_items_in_batch=20).loss,
+               lambda: causal_lm_loss(model, ids, labels, num_items_in_batch=20, chunk_size=5)):
+        loss = fn()
+        loss.backward()
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.requires_grad}))
+        model.zero_grad()
+    assert any("lm_head" in n for n in results[0][1])
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_refuses_logit_softcapping():
+    model = models.tiny_llama(0)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        causal_lm_loss(model, *batch())
