@@ -32,6 +32,7 @@ def mean_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
             batch = collate(examples[i:i + batch_size])
             labels = batch.pop("labels").to(device)
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual positions
             shift, target = logits[:, :-1], labels[:, 1:]
             losses = torch.nn.functional.cross_entropy(
                 shift.reshape(-1, shift.size(-1)), target.reshape(-1),

@@ -37,14 +37,15 @@ def load_base(model: str | None = None, dtype: torch.dtype = torch.float32, **kw
     return base, load_tokenizer(path)
 
 
-def load_for_inference(adapter: str | None = None, model: str | None = None):
+def load_for_inference(adapter: str | None = None, model: str | None = None, **load_kwargs):
     """(model in eval mode, tokenizer). With `adapter`, the base is `model` or else the one named
-    in its adapter_config.json; the tokenizer saved next to the adapter wins when there is one."""
+    in its adapter_config.json; the tokenizer saved next to the adapter wins when there is one.
+    `load_kwargs` go to `from_pretrained` (e.g. a 4-bit quantization_config)."""
     if adapter is None:
-        base, tokenizer = load_base(model)
+        base, tokenizer = load_base(model, **load_kwargs)
         return base.eval(), tokenizer
     config = PeftConfig.from_pretrained(adapter)
-    base, tokenizer = load_base(model or config.base_model_name_or_path)
+    base, tokenizer = load_base(model or config.base_model_name_or_path, **load_kwargs)
     if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
         tokenizer = load_tokenizer(adapter)
     return PeftModel.from_pretrained(base, adapter, config=config).eval(), tokenizer

@@ -11,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from ..config import PeftConfig, TaskType
+from ..methods.adapter import AdapterConfig
 from ..methods.lora import LoraConfig
+from ..methods.prompt import PromptTuningConfig
 
 
 def _csv(text: str) -> list[str] | str:
@@ -31,8 +35,55 @@ LORA_FLAGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _lora(opts: dict[str, Any]) -> PeftConfig:
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, **{k: opts[k] for k in LORA_FLAGS})
+QLORA_FLAGS: dict[str, dict[str, Any]] = {
+    **LORA_FLAGS,
+    "quant_type": dict(default="nf4", choices=["nf4", "fp4"],
+                       help="4-bit data type of the frozen base (double-quantized, blocks of 64)"),
+}
+
+ADAPTER_FLAGS: dict[str, dict[str, Any]] = {
+    "variant": dict(default="houlsby", choices=["houlsby", "pfeiffer"],
+                    help="houlsby: after attention and MLP; pfeiffer: after the MLP only"),
+    "reduction_factor": dict(type=float, default=16.0,
+                             help="bottleneck size = hidden size / reduction factor"),
+    "non_linearity": dict(default="relu", choices=["relu", "gelu", "silu"],
+                          help="activation inside the bottleneck"),
+}
+
+PROMPT_FLAGS: dict[str, dict[str, Any]] = {
+    "num_virtual_tokens": dict(type=int, default=20, help="soft prompt length"),
+    "prompt_tuning_init": dict(default="RANDOM", choices=["RANDOM", "TEXT", "SAMPLE_VOCAB"],
+                               help="how the soft prompt starts"),
+    "prompt_tuning_init_text": dict(default=None, help="text whose embeddings start the prompt "
+                                                       "(with --prompt-tuning-init TEXT)"),
+}
+
+
+def _config(cls: type[PeftConfig]):
+    """Build `cls` from the options that are its fields (`tokenizer_name_or_path` included: the
+    run adds the model's, which prompt tuning's TEXT init reads)."""
+    def build(opts: dict[str, Any]) -> PeftConfig:
+        fields = cls.__dataclass_fields__
+        return cls(task_type=TaskType.CAUSAL_LM, **{k: v for k, v in opts.items() if k in fields})
+    return build
+
+
+def qlora_model_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
+    """Load the base in 4-bit: bf16 compute on CUDA; fp32 on CPU, where bf16 matmuls are
+    emulated (10x slower) on processors without AVX512-BF16."""
+    from ..quant import bnb_config
+
+    cuda = torch.cuda.is_available()
+    compute = torch.bfloat16 if cuda else torch.float32
+    return {"quantization_config": bnb_config(opts["quant_type"], compute_dtype=compute),
+            "device_map": {"": torch.cuda.current_device()} if cuda else "cpu"}
+
+
+def _prepare_kbit(model):
+    from ..prepare import prepare_model_for_kbit_training
+
+    # Gradient checkpointing follows --gradient-checkpointing, like every other method.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 @dataclass(frozen=True)
@@ -45,7 +96,11 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec(flags={}, config=lambda opts: None),
-    "lora": MethodSpec(flags=LORA_FLAGS, config=_lora),
+    "lora": MethodSpec(flags=LORA_FLAGS, config=_config(LoraConfig)),
+    "qlora": MethodSpec(flags=QLORA_FLAGS, config=_config(LoraConfig),
+                        model_kwargs=qlora_model_kwargs, prepare=_prepare_kbit),
+    "adapter": MethodSpec(flags=ADAPTER_FLAGS, config=_config(AdapterConfig)),
+    "prompt": MethodSpec(flags=PROMPT_FLAGS, config=_config(PromptTuningConfig)),
 }
 
 

@@ -134,7 +134,7 @@ def train(args: argparse.Namespace) -> dict:
     model, tokenizer = loading.load_base(args.model, **spec.model_kwargs(method_opts))
     if spec.prepare is not None:
         model = spec.prepare(model)
-    config = spec.config(method_opts)
+    config = spec.config({**method_opts, "tokenizer_name_or_path": loading.model_path(args.model)})
     if config is not None:
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
