@@ -66,11 +66,17 @@ class _BoundForward:
         return inspect.signature(self.owner.get_base_model().forward)
 
 
+def _class_signature(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                     **kwargs):
+    """What `inspect.signature(PeftModel.forward)` shows: Trainer finds the `labels` column."""
+
+
 class _WithBaseSignature:
     """Method decorator: on an instance, bind through `_BoundForward`; on the class, the plain
-    function (whose `labels` argument tells Trainer the label column)."""
+    function, showing `_class_signature`."""
 
     def __init__(self, fn) -> None:
+        fn.__signature__ = inspect.signature(_class_signature)
         self.fn = fn
 
     def __get__(self, obj, objtype=None):
@@ -107,10 +113,8 @@ class PeftModel(nn.Module):
 
     # -- running ---------------------------------------------------------------------------
     @_WithBaseSignature
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                **kwargs):
-        return self.base_model.model(input_ids=input_ids, attention_mask=attention_mask,
-                                     inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         return self.get_base_model().generate(*args, **kwargs)

@@ -85,7 +85,7 @@ def _saved_bytes(model, ids):
     (["lm_head"], 0.1)])
 def test_activation_formula_is_exact(dtype, lora, dropout):
     """The Llama-family count equals the bytes autograd saves (parameters excluded), with LoRA
-    dropout too (CPU: the mask is kept in the input's dtype) and when the first layer's early
+    dropout too (a bit-packed mask) and when the first layer's early
     modules are frozen (they save nothing)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -103,8 +103,7 @@ def test_activation_formula_is_exact(dtype, lora, dropout):
     measured = _saved_bytes(model, torch.randint(0, 256, (b, s)))
     sites = [LoraSite(p, m.in_features, 4, dropout, m.lora_A["default"].weight.dtype)
              for p, m in model.named_modules() if isinstance(m, LoraLinear)]
-    acts = activations(Arch.of(cfg), dtype.itemsize, b, s, lora is None, lora is None, sites,
-                       device="cpu")
+    acts = activations(Arch.of(cfg), dtype.itemsize, b, s, lora is None, lora is None, sites)
     loss_saved = b * s * (4 * cfg.vocab_size + 8) + 4  # fp32 log-probs, labels, a scalar
     assert acts.plain + loss_saved == measured
 
@@ -156,8 +155,7 @@ def test_plan_total_is_the_peak_of_live_tensors(tmp_path, method, dtype, checkpo
     measured = _peak_step_bytes(model, torch.randint(0, TINY["vocab_size"], (b, s)),
                                 tmp_path / "trace.json")
     plan = estimate(str(cfg), method, options, Settings(batch_size=b, seq_len=s, dtype=dtype,
-                                                        checkpointing=checkpointing,
-                                                        device="cpu")).plan
+                                                        checkpointing=checkpointing)).plan
     assert abs(plan.total - plan.weight_bytes - plan.optimizer - measured) <= 0.01 * measured
 
 
@@ -220,7 +218,7 @@ def test_estimate_matches_measured_cpu_peak(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
     plan = estimate(str(cfg), "lora", {"r": 16, "target_modules": QKVO},
-                    Settings(batch_size=b, seq_len=s, dtype=torch.float32, device="cpu")).plan
+                    Settings(batch_size=b, seq_len=s, dtype=torch.float32)).plan
     print(f"estimate {plan.total / 2**20:.1f} MiB, measured peak {measured / 2**20:.1f} MiB")
     assert plan.total <= measured <= plan.total + 0.06 * measured
 

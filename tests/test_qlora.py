@@ -97,8 +97,9 @@ def test_files_cross_both_ways_same_logits(kind, base_dir, tokens, tmp_path):
 
 
 def test_bf16_compute_matches_peft(base_dir, tokens, tmp_path):
-    """bf16 matmuls in the base, fp32 LoRA cast to bf16 before the sum: PEFT's order exactly, so
-    equal within 1e-4 relative although one bf16 rounding step is 4e-3."""
+    """bf16 matmuls in the base, fp32 LoRA. PEFT rounds the LoRA output to bf16 and then the sum;
+    peftkit sums in fp32 and rounds once, so they differ by bf16 rounding, once per adapted layer
+    on the path: within two bf16 steps (2 * 2^-7 of the largest logit) on this 2-layer model."""
     ref = peft.get_peft_model(load(base_dir, compute=torch.bfloat16, dtype=torch.bfloat16),
                               peft.LoraConfig(**lora_kw())).eval()
     ref.save_pretrained(tmp_path)
@@ -106,7 +107,8 @@ def test_bf16_compute_matches_peft(base_dir, tokens, tmp_path):
         load(base_dir, compute=torch.bfloat16, dtype=torch.bfloat16), tmp_path).eval()
     expected = logits(ref, tokens)
     assert expected.dtype == torch.bfloat16
-    torch.testing.assert_close(logits(ours, tokens), expected, rtol=1e-4, atol=1e-6)
+    step = 2 ** -7 * expected.abs().max().item()
+    torch.testing.assert_close(logits(ours, tokens), expected, rtol=0, atol=2 * step)
 
 
 @pytest.mark.parametrize("kind", ["nf4_dq", "int8"])

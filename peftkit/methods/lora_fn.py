@@ -116,7 +116,7 @@ class LoraFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_b.dtype)
         grad_x = grad_a = grad_b = None
         if need_b:
-            grad_b = (g.t() @ h).mul_(scaling)
+            grad_b = (g.t() @ h.to(g.dtype)).mul_(scaling)  # h is low precision under autocast
         if need_x or need_a:
             # gh = d out / d (dropped x @ A^T), with the dropout's rescaling folded in: (N, r)
             gh = (g @ weight_b).mul_(scaling / (1 - p))

@@ -2,12 +2,12 @@
 
 The base weight W0 (out, in) stays quantized in a bitsandbytes layer: `Linear4bit` (NF4 or FP4
 codes, blocks of 64, optionally double-quantized scales) or `Linear8bitLt` (LLM.int8). The
-base matmul runs in the layer's compute dtype with bitsandbytes' kernels; the LoRA branch
-runs in the adapter dtype (fp32 by default, the compute dtype with
-`autocast_adapter_dtype=False`) and is cast to the base output's dtype before the sum, as in
-PEFT:
+base matmul runs in the layer's compute dtype with bitsandbytes' kernels; the LoRA branch is
+`LoraLinear`'s (`peftkit.methods.lora_fn`): it runs in the adapter dtype (fp32 by default, the
+compute dtype with `autocast_adapter_dtype=False`), adds the base output in that dtype and rounds
+the sum once to the compute dtype:
 
-    y = base(x) + cast(B @ A @ dropout(x) * scaling)      x: (..., in), y: (..., out)
+    y = cast(base(x) + B @ A @ dropout(x) * scaling)      x: (..., in), y: (..., out)
 
 Nothing else differs from `LoraLinear` until merging: a merged k-bit weight cannot hold
 W0 + scaling * B @ A exactly, so `merge` dequantizes, adds the delta in fp32 and re-quantizes
@@ -42,19 +42,6 @@ class KbitLoraLinear(LoraLinear):
         if kind == "8bit":
             return torch.float16
         return super().compute_dtype
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return y
-        autocast = torch.is_autocast_enabled(x.device.type)
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            lora_a = self.lora_A[name]
-            h = self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype))
-            y = y + (self.lora_B[name](lora_a(h)) * self.scaling[name]).to(y.dtype)
-        return y
 
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
         """Fold adapters into the k-bit weight by re-quantizing W0 + delta (lossy, warned)."""

@@ -15,16 +15,14 @@ I the MLP size, a the LoRA dtype's bytes:
     attention      e*(2*hq + 2*hkv) + 4*heads   q, k, v, output (= o_proj input), log-sum-exp
     MLP            3 * e*I                      gate, silu(gate), up
     linear inputs  e*h (q/k/v), e*h (gate/up), e*I (down), for each group whose weights train
-    each LoRA      a*r (A's output), plus its input x: nothing extra when x is already saved or
-                   can be shared (same dtype, no dropout: one copy per input, e.g. q/k/v share);
-                   a*in for the cast to the adapter dtype; with dropout a*in (the dropped
-                   copy) + its mask when x needs a grad (1 byte per element on CUDA, a bytes on
-                   CPU, where dropout is not fused)
+    each LoRA      a*r (A's output) and, with dropout, the keep-mask packed as bits (in/8);
+                   its input x itself is saved once for every user of x (peftkit's LoRA function,
+                   `peftkit.methods.lora_fn`, keeps no dropped or cast copy)
 
 An op saves for backward only when one of its inputs needs a gradient, so each term above counts
 only where the gradient flows: with frozen embeddings (no prompt) the first layer saves nothing
-before its first trainable module (its input norm, the attention without q/k/v adapters, the
-dropout masks of q/k/v), and nothing at all comes before the first adapted module.
+before its first trainable module (its input norm, the attention without q/k/v adapters), and
+nothing at all comes before the first adapted module.
 Once per step: the final norm (4h + 4, + 2*e*h if it and the head train), the input ids (8 per
 token, if the embedding trains) and rotary cos/sin (2*head_dim*e per position).
 `tests/test_planner.py` checks this count against the tensors autograd actually saves.
@@ -83,35 +81,22 @@ class Arch:
         return self.model_type in LLAMA_FAMILY
 
 
-def _branch_bytes(sites: list, e: int, mask: int | None, x_grad: bool) -> tuple[int, bool]:
-    """(bytes per token the LoRA branches `sites` save, whether one of them saves x itself).
-
-    A branch saves A's output (a*r) and A's input: x itself when the adapter dtype matches and
-    there is no dropout (shared with every other user of x), else a cast copy (a*in); with dropout
-    the dropped copy (a*in) plus the mask when x needs a grad (`mask` bytes per element, or a).
-    """
-    own, uses_x = 0, False
-    for site in sites:
-        a = site.dtype.itemsize
-        own += a * site.r
-        if site.dropout > 0:
-            own += (a + ((mask or a) if x_grad else 0)) * site.in_features
-        elif a != e:
-            own += a * site.in_features
-        else:
-            uses_x = True
-    return own, uses_x
+def _branch_bytes(sites: list) -> tuple[int, bool]:
+    """(bytes per token the LoRA branches `sites` save besides x, whether they save x): A's output
+    (a*r) and, with dropout, the keep-mask as bits (in/8); x itself is shared."""
+    own = sum(s.dtype.itemsize * s.r + (s.in_features // 8 if s.dropout > 0 else 0)
+              for s in sites)
+    return own, bool(sites)
 
 
-def _layer_bytes(arch: Arch, e: int, full: bool, sites: list, mask: int | None,
+def _layer_bytes(arch: Arch, e: int, full: bool, sites: list,
                  grad_in: bool) -> tuple[int, bool]:
     """(bytes per token one decoder layer saves, whether its output needs a grad), see the module
-    docstring. `sites`: its LoRA sites; `mask`: dropout mask bytes per element (None: those of
-    the adapter dtype); `grad_in`: the layer's input needs a grad. An op saves for backward only
+    docstring. `sites`: its LoRA sites; `grad_in`: the layer's input needs a grad. An op saves for backward only
     when one of its inputs needs a grad, so a layer saves nothing before its first trainable
     tensor."""
     if not arch.exact:
-        own, _ = _branch_bytes(sites, e, mask, True)
+        own, _ = _branch_bytes(sites)
         return (16 * e + 2) * arch.hidden + own, True
     h, inter = arch.hidden, arch.intermediate
     hq, hkv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
@@ -122,32 +107,30 @@ def _layer_bytes(arch: Arch, e: int, full: bool, sites: list, mask: int | None,
     def trains(names):
         return full or any(n in by_name for n in names)
 
-    def linears(names, features, x_grad):  # own bytes, bytes of x if some user saves it
-        own, uses_x = _branch_bytes([s for n in names for s in by_name.get(n, [])], e, mask,
-                                    x_grad)
+    def linears(names, features):  # own bytes, bytes of x if some user saves it
+        own, uses_x = _branch_bytes([s for n in names for s in by_name.get(n, [])])
         return own, e * features if uses_x or full else 0
 
     norm = 4 * h + 4  # fp32 input (or its upcast copy) and rsqrt, when the input needs a grad
     total = (norm if grad_in else 0) + (e * h if full else 0)
     g = grad_in or full
-    own, x = linears(_ATTN_IN, h, g)
+    own, x = linears(_ATTN_IN, h)
     total += own + x
     g_attn = g or trains(_ATTN_IN)
     total += (e * (2 * hq + 2 * hkv) + 4 * arch.heads) if g_attn else 0
-    own, x = linears(_ATTN_OUT, hq, g_attn)
+    own, x = linears(_ATTN_OUT, hq)
     total += own + (0 if g_attn else x)  # SDPA already saved its output
     g = g_attn or trains(_ATTN_OUT)
     total += (norm if g else 0) + (e * h if full else 0)
     g = g or full
-    own, x = linears(_MLP_IN, h, g)
+    own, x = linears(_MLP_IN, h)
     total += own + x
     g_gate, g_up = g or trains(_MLP_IN[:1]), g or trains(_MLP_IN[1:])
     total += e * inter * (2 * g_gate + g_up)  # silu saves gate; gate*up saves up and/or silu
-    own, x = linears(_MLP_ACT, inter, g_gate or g_up)
+    own, x = linears(_MLP_ACT, inter)
     total += own + x
     known = _ATTN_IN + _ATTN_OUT + _MLP_IN + _MLP_ACT
-    rest, _ = _branch_bytes([s for n, v in by_name.items() if n not in known for s in v], e,
-                            mask, True)
+    rest, _ = _branch_bytes([s for n, v in by_name.items() if n not in known for s in v])
     return total + rest, g or g_gate or g_up or trains(_MLP_ACT)
 
 
@@ -170,14 +153,12 @@ class Activations:
 
 
 def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad: bool,
-                lora_sites: list, device: str = "cuda") -> Activations:
+                lora_sites: list) -> Activations:
     """Activation bytes for `batch` sequences of `seq` tokens (module docstring).
 
     `full`: every base weight trains; `input_grad`: the embeddings' output needs a gradient (full
-    fine-tuning, prompt tuning); `lora_sites`: the model's LoRA-wrapped layers (`LoraSite`);
-    `device`: CUDA's fused dropout keeps a bool mask, the CPU kernel one in the input's dtype.
+    fine-tuning, prompt tuning); `lora_sites`: the model's LoRA-wrapped layers (`LoraSite`).
     """
-    mask = 1 if device == "cuda" else None
     tokens = batch * seq
     by_layer: dict[int | None, list] = {}
     for site in lora_sites:
@@ -187,7 +168,7 @@ def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad
         sites = by_layer.get(i, [])
         rotary = rotary or grad or full or any(
             s.path.rsplit(".", 1)[-1] in _ATTN_IN[:2] for s in sites)
-        saved, grad = _layer_bytes(arch, e, full, sites, mask, grad)
+        saved, grad = _layer_bytes(arch, e, full, sites, grad)
         per_layer.append(saved)
     h = arch.hidden
     if arch.exact:  # final norm, embedding indices, rotary cos/sin
@@ -195,7 +176,7 @@ def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad
         fixed += 2 * seq * arch.head_dim * e if rotary else 0
     else:
         fixed = tokens * e * h
-    own, uses_x = _branch_bytes(by_layer.get(None, []), e, mask, grad)
+    own, uses_x = _branch_bytes(by_layer.get(None, []))
     fixed += tokens * (own + (e * h if uses_x and not full else 0))
     return Activations(
         layers=tokens * sum(per_layer),

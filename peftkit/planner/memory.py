@@ -41,7 +41,6 @@ class Settings:
     optimizer: str = "adamw"
     checkpointing: bool = False
     double_quant: bool = True
-    device: str = "cuda"
 
 
 @dataclasses.dataclass
@@ -111,7 +110,6 @@ def memory_plan(census, model_config, settings: Settings, method_full: bool) -> 
     tokens = settings.batch_size * seq
     arch = Arch.of(model_config)
     acts = activations(arch, e, settings.batch_size, seq, full=method_full,
-                       input_grad=method_full or virtual > 0, lora_sites=census.lora,
-                       device=settings.device)
+                       input_grad=method_full or virtual > 0, lora_sites=census.lora)
     logits = tokens * (12 * arch.vocab + 8)
     return Plan(weights, grads, opt, acts, settings.checkpointing, logits, dequant, tokens)
