@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The bundled ledger-code task: zero-shot exact match, LoRA training, exact match after.
+# The bundled ledger-code task: zero-shot exact match, LoRA training, exact match after, merge.
 demo: $(STAMP)
 	$(BIN)/python -m peftkit.train.demo_task demo_data
 	@echo "== zero-shot =="
@@ -22,6 +22,9 @@ demo: $(STAMP)
 	$(BIN)/peftkit train --config examples/demo.yaml --overwrite
 	@echo "== after LoRA =="
 	$(BIN)/peftkit eval --adapter runs/demo --data demo_data/test.jsonl --max-new-tokens 16 --show 2
+	@echo "== merged =="
+	$(BIN)/peftkit merge --adapter runs/demo --output-dir runs/demo-merged --overwrite
+	$(BIN)/peftkit generate --model runs/demo-merged --prompt "Ledger code for July 4, 1999?" --max-new-tokens 16
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

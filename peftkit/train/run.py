@@ -63,6 +63,10 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool):
 
     save_strategy, save_steps = strategy(args.save_steps)
     eval_strategy, eval_steps = strategy(args.eval_steps) if has_eval else ("no", None)
+    # transformers 5 renamed gradient_checkpointing (the old name still works, with a warning).
+    fields = TrainingArguments.__dataclass_fields__
+    checkpointing = next(n for n in ("activation_checkpointing", "gradient_checkpointing")
+                         if n in fields)
     return TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
@@ -77,7 +81,7 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool):
         max_grad_norm=args.max_grad_norm,
         fp16=args.fp16,
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        **{checkpointing: args.gradient_checkpointing},
         seed=args.seed,
         data_seed=args.seed,
         logging_steps=args.logging_steps,
