@@ -18,6 +18,24 @@ def make_model(kind: str, seed: int = 0):
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_proj"]}
 
 
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def train_steps(model, batch, lr: float, steps: int = 10) -> list[float]:
+    """`steps` AdamW steps on `batch` (labels = inputs); the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def tokens():
     g = torch.Generator().manual_seed(1)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import peftkit
+from conftest import train_steps
 from peftkit import models
 from peftkit.methods.adapter import ARCHITECTURES, BlockLayout, BottleneckLayer
 
@@ -112,14 +113,7 @@ def test_training_reduces_loss(batch):
     base = models.tiny_llama(initializer_range=0.2)
     model = peftkit.get_peft_model(base, peftkit.AdapterConfig(reduction_factor=2))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, lr=1e-2)
     assert losses[-1] < 0.9 * losses[0]
 
 

@@ -8,19 +8,10 @@ import pytest
 import torch
 
 import peftkit
+from conftest import logits
 from peftkit import models
 
 MAKERS = {"llama": models.tiny_llama, "gpt2": models.tiny_gpt2}
-
-
-@pytest.fixture
-def tokens():
-    return torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(input_ids=tokens).logits
 
 
 def perturb(model, seed=3):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import peftkit
-from conftest import TARGETS, make_model
+from conftest import TARGETS, logits, make_model
 
 VARIANTS = {
     "plain": {},
@@ -36,11 +36,6 @@ def perturb_trainable(model, seed=3):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(input_ids=tokens).logits
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import peftkit
+from conftest import train_steps
 from peftkit import models
 from peftkit.methods.prompt import PromptEncoder
 
@@ -167,14 +168,7 @@ def test_sample_vocab_and_random_init():
 def test_training_reduces_loss_and_round_trip(batch, tmp_path):
     # initializer_range 0.2: with the default 0.02 the tiny model's logits barely move
     model = ours(base=models.tiny_gpt2(initializer_range=0.2)).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    losses = []
-    for _ in range(10):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, lr=5e-2)
     assert losses[-1] < 0.95 * losses[0]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         "base_model.model.prompt_encoder.embedding.default.weight"]

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peftkit
+from conftest import logits
 from peftkit import models, quant
 from peftkit.methods.qlora import KbitLoraLinear
 
@@ -46,16 +47,6 @@ def load(base_dir, kind="nf4_dq", compute=torch.float32, dtype=torch.float32):
             base_dir, quantization_config=BitsAndBytesConfig(**cfg), device_map="cpu", dtype=dtype
         ).eval()
     return copy.deepcopy(_LOADED[key])
-
-
-@pytest.fixture
-def tokens():
-    return torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(input_ids=tokens).logits
 
 
 def lora_kw(**kw):

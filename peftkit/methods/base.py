@@ -62,6 +62,32 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
 
+class WrappedLayer(AdapterLayer):
+    """An adapter layer around one base module (`base_layer`) whose adapters can be folded into
+    the base weight: `merged_adapters` lists those folded in, in order. Disabling unmerges first
+    (the base output must then be the original one); unloading returns the base module, merged
+    or restored."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged_adapters: list[str] = []
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def set_disabled(self, disabled: bool) -> None:
+        if disabled:
+            self.unmerge()
+        self.disabled = disabled
+
+    def unwrap(self, merge: bool) -> nn.Module:
+        if not merge:
+            self.unmerge()
+        return self.base_layer
+
+
 class ModulesToSaveWrapper(AdapterLayer):
     """A full trainable copy of a module per adapter (PEFT's `modules_to_save`).
 

@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import targets
 from ..config import PeftConfig, PeftType, check, register_config
-from .base import AdapterLayer, Method, add_modules_to_save, register_method, replace_module
+from .base import Method, WrappedLayer, add_modules_to_save, register_method, replace_module
 
 # PEFT's defaults for models whose config names no target_modules / feedforward_modules.
 DEFAULT_TARGETS = {
@@ -79,25 +79,19 @@ class IA3Config(PeftConfig):
         return any(path.endswith(entry) for entry in ff)
 
 
-class IA3Linear(AdapterLayer):
+class IA3Linear(WrappedLayer):
     """Wraps a linear layer (`nn.Linear` or `Conv1D`) with named (IA)^3 scaling vectors.
 
     In memory: `<path>.base_layer.weight`, `<path>.ia3_l.<name>`; x: (..., in) -> (..., out).
     """
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.is_feedforward = is_feedforward
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         w = base_layer.weight
         self.in_features, self.out_features = w.shape if self.fan_in_fan_out else w.shape[::-1]
         self.ia3_l = nn.ParameterDict()
-        self.merged_adapters: list[str] = []
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     def add(self, name: str, init: bool, dtype: torch.dtype) -> None:
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
@@ -143,16 +137,6 @@ class IA3Linear(AdapterLayer):
     def unmerge(self) -> None:
         while self.merged_adapters:
             self._scale_weights(self.merged_adapters.pop(), divide=True)
-
-    def set_disabled(self, disabled: bool) -> None:
-        if disabled:
-            self.unmerge()
-        self.disabled = disabled
-
-    def unwrap(self, merge: bool) -> nn.Module:
-        if not merge:
-            self.unmerge()
-        return self.base_layer
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = [] if self.disabled else [n for n in self.active_adapters

@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import targets
 from ..config import PeftConfig, PeftType, check, register_config
-from .base import (AdapterLayer, Method, ModulesToSaveWrapper, add_modules_to_save,
+from .base import (Method, ModulesToSaveWrapper, WrappedLayer, add_modules_to_save,
                    register_method, replace_module)
 from .lora_fn import lora_forward
 
@@ -158,7 +158,7 @@ def _pattern_key(patterns: dict[str, Any], path: str) -> str:
     return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", path)), path)
 
 
-class LoraLinear(AdapterLayer):
+class LoraLinear(WrappedLayer):
     """Wraps a linear layer (`nn.Linear`, `Conv1D`, or a k-bit linear) with named LoRA adapters.
 
     In memory the keys are PEFT's: `<path>.base_layer.weight`, `<path>.lora_A.<name>.weight`.
@@ -167,8 +167,7 @@ class LoraLinear(AdapterLayer):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
@@ -180,11 +179,6 @@ class LoraLinear(AdapterLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.merged_adapters: list[str] = []
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -248,16 +242,6 @@ class LoraLinear(AdapterLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight.data.copy_((weight.data.float() - self.delta_weight(name)).to(weight.dtype))
-
-    def set_disabled(self, disabled: bool) -> None:
-        if disabled:
-            self.unmerge()
-        self.disabled = disabled
-
-    def unwrap(self, merge: bool) -> nn.Module:
-        if not merge:
-            self.unmerge()
-        return self.base_layer
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
