@@ -36,6 +36,22 @@ def train_steps(model, batch, lr: float, steps: int = 10) -> list[float]:
     return losses
 
 
+def trainer_changes(model, output_dir) -> tuple[set, set]:
+    """Train 3 steps with transformers' Trainer on random tokens; (names of the parameters that
+    changed, names of the trainable ones)."""
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (8, 8), generator=g)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    return changed, {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.fixture
 def tokens():
     g = torch.Generator().manual_seed(1)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import peftkit
-from conftest import train_steps
+from conftest import train_steps, trainer_changes
 from peftkit import models
 from peftkit.methods.adapter import ARCHITECTURES, BlockLayout, BottleneckLayer
 
@@ -222,19 +222,10 @@ def test_errors():
 
 
 def test_trains_in_hf_trainer(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (8, 8), generator=g)]
     model = peftkit.get_peft_model(models.tiny_llama(),
                                    peftkit.AdapterConfig(variant="pfeiffer", reduction_factor=4))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
-                             disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=data).train()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
-    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    changed, trainable = trainer_changes(model, tmp_path)
+    assert changed == trainable
     assert changed and all(".mlp_adapter.adapters.default." in n for n in changed)
 
 

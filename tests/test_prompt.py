@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import peftkit
-from conftest import train_steps
+from conftest import train_steps, trainer_changes
 from peftkit import models
 from peftkit.methods.prompt import PromptEncoder
 
@@ -220,17 +220,7 @@ def test_errors(tokenizer_dir):
 
 
 def test_trains_in_hf_trainer(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (8, 8), generator=g)]
-    model = ours()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
-                             disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=data).train()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    changed, _ = trainer_changes(ours(), tmp_path)
     assert changed == {"base_model.model.prompt_encoder.embedding.default.weight"}
 
 
