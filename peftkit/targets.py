@@ -70,11 +70,6 @@ def named_modules(model: nn.Module):
         yield path, module
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    kinds = linear_types()
-    return [n for n, m in named_modules(model) if isinstance(m, kinds)]
-
-
 def output_head_path(model: nn.Module) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:

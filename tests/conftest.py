@@ -18,6 +18,17 @@ def make_model(kind: str, seed: int = 0):
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_proj"]}
 
 
+def perturb_trainable(model, seed: int = 3, scale: float = 0.1):
+    """Give every trainable tensor (adapters, biases, modules_to_save copies) a distinct value;
+    returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 def logits(model, tokens):
     with torch.no_grad():
         return model(input_ids=tokens).logits

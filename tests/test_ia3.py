@@ -8,19 +8,10 @@ import pytest
 import torch
 
 import peftkit
-from conftest import logits
+from conftest import logits, perturb_trainable
 from peftkit import models
 
 MAKERS = {"llama": models.tiny_llama, "gpt2": models.tiny_gpt2}
-
-
-def perturb(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
 
 
 @pytest.mark.parametrize("kind", list(MAKERS))
@@ -32,7 +23,8 @@ def test_identity_at_init(kind, tokens):
 
 @pytest.mark.parametrize("kind", list(MAKERS))
 def test_peft_to_peftkit_and_back(kind, tokens, tmp_path):
-    ref = perturb(peft.get_peft_model(MAKERS[kind](), peft.IA3Config(task_type="CAUSAL_LM")))
+    ref = perturb_trainable(
+        peft.get_peft_model(MAKERS[kind](), peft.IA3Config(task_type="CAUSAL_LM")), scale=0.3)
     ref.save_pretrained(tmp_path / "peft")
     ours = peftkit.PeftModel.from_pretrained(MAKERS[kind](), tmp_path / "peft")
     expected = logits(ref, tokens)
@@ -57,7 +49,8 @@ def test_trainable_parameters_line_matches_peft():
 @pytest.mark.parametrize("kind", list(MAKERS))
 def test_merge_unmerge_disable(kind, tokens):
     base = logits(MAKERS[kind](), tokens)
-    model = perturb(peftkit.get_peft_model(MAKERS[kind](), peftkit.IA3Config()))
+    model = perturb_trainable(peftkit.get_peft_model(MAKERS[kind](), peftkit.IA3Config()),
+                              scale=0.3)
     adapted = logits(model, tokens)
     model.merge_adapter()
     model.merge_adapter()  # twice: must not scale again

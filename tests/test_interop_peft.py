@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import peftkit
-from conftest import TARGETS, logits, make_model
+from conftest import TARGETS, logits, make_model, perturb_trainable
 
 VARIANTS = {
     "plain": {},
@@ -27,15 +27,6 @@ def kwargs_for(kind, variant):
               init_lora_weights=False)
     kw.update(VARIANTS[variant])
     return kw
-
-
-def perturb_trainable(model, seed=3):
-    """Give every trainable tensor (biases, modules_to_save copies) a distinct value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
