@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # The bundled ledger-code task: zero-shot exact match, LoRA training, exact match after, merge.
 demo: $(STAMP)
-	$(BIN)/python -m peftkit.train.demo_task demo_data
+	$(BIN)/peftkit task ledger --out demo_data
 	@echo "== zero-shot =="
 	$(BIN)/peftkit eval --data demo_data/test.jsonl --max-new-tokens 16 --show 2
 	$(BIN)/peftkit train --config examples/demo.yaml --overwrite

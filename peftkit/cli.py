@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "eval", "generate", "chat", "merge", "estimate", "doctor")
+COMMANDS = ("train", "eval", "generate", "chat", "merge", "task", "compare", "sweep", "estimate",
+            "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given, for the records commands write
     return args.func(args) or 0
 
 

@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-length", type=int, default=None, help="truncate rows (tokens)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--quantize", choices=["nf4", "fp4"],
+                   help="load the base in 4-bit (as a QLoRA adapter was trained)")
     p.add_argument("--show", type=int, default=0, help="print N (prompt, expected, got) rows")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object {"exact_match", "loss", "n", ...}')
@@ -25,8 +27,10 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from ..train.evaluate import evaluate
     from ..train.loading import load_for_inference
+    from ..train.methods import qlora_model_kwargs
 
-    model, tokenizer = load_for_inference(args.adapter, args.model)
+    load_kwargs = qlora_model_kwargs({"quant_type": args.quantize}) if args.quantize else {}
+    model, tokenizer = load_for_inference(args.adapter, args.model, **load_kwargs)
     result = evaluate(model, tokenizer, args.data, args.batch_size, args.max_new_tokens,
                       args.max_length, args.limit)
     shown = result.pop("predictions")[: args.show]

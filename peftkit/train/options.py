@@ -36,6 +36,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add(d, "--eval-data", help="evaluation data (same formats)")
     _add(d, "--eval-split", 0.0, type=float,
          help="hold out this fraction of --data for evaluation when there is no --eval-data")
+    _add(d, "--test-data", help="held-out data: after training, exact match of greedy answers "
+         "and loss go into run_summary.json")
+    _add(d, "--max-new-tokens", 64, type=int, help="answer length for --test-data")
     _add(d, "--max-length", 512, type=int, help="truncate rows to this many tokens")
     _add(d, "--packing", False, action="store_true", help="pack rows into --max-length sequences")
     t = p.add_argument_group("training (transformers TrainingArguments)")

@@ -99,30 +99,40 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool):
     )
 
 
+def _status_mb(field: str) -> float | None:
+    """A Linux /proc/self/status memory field (VmRSS, VmHWM) in MiB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
 class PeakMemory:
-    """Peak memory of the process from `start()` on: CUDA allocated bytes when on GPU, else the
-    resident set high-water mark (Linux VmHWM, reset through /proc/self/clear_refs)."""
+    """Peak memory of the process from `start()` on, and its level at `start()`: CUDA allocated
+    bytes when on GPU, else the resident set (Linux VmRSS; the high-water mark VmHWM is reset
+    through /proc/self/clear_refs)."""
 
     def start(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")
-            except OSError:
-                pass
+            self.at_start = torch.cuda.memory_allocated() / 2**20
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            pass
+        self.at_start = _status_mb("VmRSS")
 
     def read(self) -> dict:
         if torch.cuda.is_available():
-            return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
-                    "peak_memory_kind": "cuda_max_allocated"}
-        try:
-            with open("/proc/self/status") as fh:
-                kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-            return {"peak_memory_mb": kb / 1024, "peak_memory_kind": "process_peak_rss"}
-        except (OSError, StopIteration):
-            return {"peak_memory_mb": None, "peak_memory_kind": "unavailable"}
+            peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+        else:
+            peak = _status_mb("VmHWM")
+            kind = "process_peak_rss" if peak is not None else "unavailable"
+        return {"peak_memory_mb": peak, "memory_at_start_mb": self.at_start,
+                "peak_memory_kind": kind}
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -172,11 +182,14 @@ def train(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - started
+    peak_memory = memory.read()
     metrics = {"train_loss": result.training_loss}
     if eval_rows is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items()
                         if k in ("eval_loss", "epoch")})
     trainer.save_model(args.output_dir)
+    if args.test_data and trainer.is_world_process_zero():
+        metrics.update(_test_metrics(model.eval(), tokenizer, args))
 
     trainable, total = _count_parameters(model)
     summary = {
@@ -186,7 +199,7 @@ def train(args: argparse.Namespace) -> dict:
         "trainable_params": trainable, "all_params": total,
         "trainable_percent": 100 * trainable / total,
         "steps": trainer.state.global_step, "world_size": training_args.world_size,
-        "wall_time_s": wall, **memory.read(), "final_metrics": metrics,
+        "wall_time_s": wall, **peak_memory, "final_metrics": metrics,
         "resumed_from": resume,
     }
     if trainer.is_world_process_zero():
@@ -194,6 +207,15 @@ def train(args: argparse.Namespace) -> dict:
                           json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary), flush=True)
     return summary
+
+
+def _test_metrics(model, tokenizer, args: argparse.Namespace) -> dict:
+    from .evaluate import evaluate
+
+    result = evaluate(model, tokenizer, args.test_data, args.batch_size, args.max_new_tokens,
+                      args.max_length)
+    return {"test_exact_match": result["exact_match"], "test_loss": result["loss"],
+            "test_rows": result["n"]}
 
 
 def _count_parameters(model) -> tuple[int, int]:

@@ -1,0 +1,99 @@
+"""The flags `peftkit compare` and `peftkit sweep` share: the task (a generated one, or the
+user's files), the model, the budget every run gets, and per-method overrides of the seed's
+settings (`--lr lora=2e-4`, `--set lora.r=8`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from typing import Any
+
+from .. import tasks
+from ..train import methods
+from .runs import METHOD_DEFAULTS, Setup
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder for results, tables, plots and runs")
+    t = p.add_argument_group("task")
+    t.add_argument("--task", default="ledger", help=f"generated task: {', '.join(tasks.TASKS)}")
+    t.add_argument("--data", help="your training file instead (any `peftkit train` format)")
+    t.add_argument("--test-data", help="your held-out file, with --data")
+    t.add_argument("--n-train", type=int, default=400, help="generated training rows")
+    t.add_argument("--n-test", type=int, default=100, help="generated test rows")
+    b = p.add_argument_group("model and budget (the same for every run)")
+    b.add_argument("--model", help="model folder or hub id (default: embedded SmolLM2)")
+    b.add_argument("--max-steps", type=int, default=40, help="optimizer steps (default: 40)")
+    b.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
+    b.add_argument("--grad-accum", type=int, default=1, help="accumulation steps (default: 1)")
+    b.add_argument("--max-length", type=int, default=256, help="tokens per row (default: 256)")
+    b.add_argument("--seed", type=int, default=42, help="seed of every run (default: 42)")
+    b.add_argument("--max-new-tokens", type=int,
+                   help="answer length at evaluation (default: the task's, 64 for --data)")
+    o = p.add_argument_group("per-method settings")
+    o.add_argument("--lr", default="", metavar="METHOD=LR,...",
+                   help="learning rates, e.g. full=2e-5,lora=2e-4 (defaults: " +
+                   ", ".join(f"{m}={d['learning_rate']:g}" for m, d in METHOD_DEFAULTS.items())
+                   + ")")
+    o.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                   help="any `peftkit train` option of a method, e.g. lora.r=8 or "
+                        "prompt.num_virtual_tokens=50 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs a previous invocation finished with the same setup")
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """The shared setup; a generated task's files are written under `--out/data/`."""
+    budget = dict(model=args.model, max_steps=args.max_steps, batch_size=args.batch_size,
+                  grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed)
+    if args.data or args.test_data:
+        if not (args.data and args.test_data):
+            raise ValueError("--data and --test-data go together: the test file is where exact "
+                             "match is measured")
+        for path in (args.data, args.test_data):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no such data file: {path}")
+        return Setup(args.data, args.test_data, "custom", **budget,
+                     max_new_tokens=args.max_new_tokens or 64)
+    task = tasks.get(args.task)
+    train, test = tasks.write(task.name, os.path.join(args.out, "data", task.name),
+                              args.n_train, args.n_test)
+    return Setup(train, test, task.name, **budget,
+                 max_new_tokens=args.max_new_tokens or task.max_new_tokens)
+
+
+def _value(text: str) -> Any:
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """method -> {option: value} from --lr and --set."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in filter(None, (s.strip() for s in args.lr.split(","))):
+        method, _, value = item.partition("=")
+        out.setdefault(_method(method, "--lr " + item), {})["learning_rate"] = float(value)
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        method, dot, option = key.partition(".")
+        if not (eq and dot and option):
+            raise ValueError(f"--set {item!r}: expected METHOD.OPTION=VALUE, e.g. lora.r=8")
+        out.setdefault(_method(method, "--set " + item), {})[option.replace("-", "_")] = \
+            _value(value)
+    return out
+
+
+def _method(name: str, where: str) -> str:
+    if name not in methods.METHODS:
+        raise ValueError(f"{where}: unknown method {name!r}; choose one of "
+                         f"{', '.join(methods.METHODS)}")
+    return name
+
+
+def flags(method: str, extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The seed's settings of `method` with the user's overrides on top."""
+    return {**METHOD_DEFAULTS[method], **extra.get(method, {})}
+
+
+def command(argv: list[str]) -> str:
+    return shlex.join(["peftkit", *argv])
