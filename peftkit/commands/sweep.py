@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 def _reference_rows(path: str, setup) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         old = json.load(fh)
-    if old.get("setup") != setup.as_dict():
+    if not setup.matches(old.get("setup", {})):
         raise ValueError(f"{path} was made with another setup (task, data, model or budget); "
                          "run the sweep with the same flags or use --reference full")
     rows = [{k: v for k, v in r.items() if k != "relative"} for r in old["runs"]

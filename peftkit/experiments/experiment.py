@@ -17,7 +17,7 @@ def finished(out_dir: str, setup: Setup) -> dict[str, dict]:
             old = json.load(fh)
     except (OSError, ValueError):
         return {}
-    if old.get("setup") != setup.as_dict():
+    if not setup.matches(old.get("setup", {})):
         return {}
     return {r["method"]: {k: v for k, v in r.items() if k != "relative"}
             for r in old["runs"] if r["status"] == "ok"}

@@ -5,6 +5,7 @@ settings (`--lr lora=2e-4`, `--set lora.r=8`)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shlex
 from typing import Any
@@ -54,13 +55,25 @@ def setup(args: argparse.Namespace) -> Setup:
         for path in (args.data, args.test_data):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no such data file: {path}")
-        return Setup(args.data, args.test_data, "custom", **budget,
-                     max_new_tokens=args.max_new_tokens or 64)
+        return Setup(args.data, args.test_data, "custom", _digest(args.data, args.test_data),
+                     **budget, max_new_tokens=args.max_new_tokens or 64)
     task = tasks.get(args.task)
     train, test = tasks.write(task.name, os.path.join(args.out, "data", task.name),
                               args.n_train, args.n_test)
-    return Setup(train, test, task.name, **budget,
+    return Setup(train, test, task.name, _digest(train, test), **budget,
                  max_new_tokens=args.max_new_tokens or task.max_new_tokens)
+
+
+def _digest(*paths: str) -> str:
+    """sha256 over the files' bytes (a folder: its files, in name order)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = ([os.path.join(d, f) for d, _, names in sorted(os.walk(path)) for f in sorted(names)]
+                 if os.path.isdir(path) else [path])
+        for name in files:
+            with open(name, "rb") as fh:
+                digest.update(fh.read())
+    return digest.hexdigest()
 
 
 def _value(text: str) -> Any:

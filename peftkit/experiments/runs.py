@@ -42,6 +42,7 @@ class Setup:
     train_data: str
     test_data: str
     task: str  # a registry name, or "custom" for user files
+    data_sha256: str = ""  # of the two files' contents: same data under other paths matches
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     max_steps: int = 40
     batch_size: int = 8
@@ -52,6 +53,12 @@ class Setup:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def matches(self, stored: dict) -> bool:
+        """True when `stored` (an `as_dict()`) is this setup, the data files' paths aside."""
+        paths = ("train_data", "test_data")
+        return ({k: v for k, v in stored.items() if k not in paths}
+                == {k: v for k, v in self.as_dict().items() if k not in paths})
 
 
 @dataclass(frozen=True)
@@ -107,9 +114,9 @@ class Progress:
     """One status line per run and phase; on a terminal the training line updates in place
     with the step and loss read from the run's metrics.jsonl."""
 
-    def __init__(self, total: int, stream=sys.stdout) -> None:
-        self.total, self.stream, self.index = total, stream, 0
-        self.tty = stream.isatty()
+    def __init__(self, total: int, stream=None) -> None:
+        self.total, self.stream, self.index = total, stream or sys.stdout, 0
+        self.tty = self.stream.isatty()
 
     def begin(self, label: str) -> None:
         self.index += 1
