@@ -77,7 +77,15 @@ def _digest(*paths: str) -> str:
 
 
 def _value(text: str) -> Any:
-    return {"true": True, "false": False}.get(text.lower(), text)
+    """A --set / --values string as the JSON records show it: bool, int, float or str."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
