@@ -101,7 +101,7 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("ledger", 'a written date to a "ledger code": March 5, 2021 -> 2021.03.05', _ledger, 16),
     Task("extract-json", "a sentence about a person to a JSON record (structured extraction)",
-         _extract, 64),
+         _extract, 40),
     Task("snake-case", "a phrase in mixed case to snake_case (string transformation)",
          _snake, 24),
     Task("arithmetic", "a two-step word problem to its number (arithmetic)", _arithmetic, 8),

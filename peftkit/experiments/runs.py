@@ -34,6 +34,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
                "prompt_tuning_init_text": "Answer with the exact result only."},
 }
 ZERO_SHOT = "zero-shot"
+EVAL_BATCH = 32  # rows per generation batch on the test split (does not touch training)
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,15 @@ def train_argv(run: Run, setup: Setup, out_dir: str) -> list[str]:
     # --save-steps past the end: no checkpoint is written inside the timed training.
     return ["train", "--method", run.method, "--data", setup.train_data, "--output-dir", out_dir,
             "--overwrite", "--save-steps", str(setup.max_steps + 1), "--test-data",
-            setup.test_data, "--max-new-tokens", str(setup.max_new_tokens),
+            setup.test_data, "--max-new-tokens", str(setup.max_new_tokens), "--eval-batch-size",
+            str(EVAL_BATCH),
             *_argv({"model": setup.model, **budget, **run.flags})]
 
 
 def zero_shot_argv(setup: Setup) -> list[str]:
     return ["eval", "--json", "--data", setup.test_data, "--max-new-tokens",
             str(setup.max_new_tokens), "--max-length", str(setup.max_length),
-            "--batch-size", str(setup.batch_size), *_argv({"model": setup.model})]
+            "--batch-size", str(EVAL_BATCH), *_argv({"model": setup.model})]
 
 
 def check(run: Run, setup: Setup) -> None:

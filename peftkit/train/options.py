@@ -47,6 +47,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add(t, "--resume", nargs="?", const=True, metavar="CHECKPOINT",
          help="continue from the last complete checkpoint in --output-dir (or from CHECKPOINT)")
     _add(t, "--batch-size", 4, type=int, help="per-device batch size")
+    _add(t, "--eval-batch-size", type=int, help="batch size of evaluation and --test-data "
+         "(default: --batch-size)")
     _add(t, "--grad-accum", 4, type=int, help="gradient accumulation steps")
     _add(t, "--epochs", 3.0, type=float, help="training epochs")
     _add(t, "--max-steps", -1, type=int, help="optimizer steps; overrides --epochs when > 0")

@@ -70,7 +70,7 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool):
     return TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
@@ -212,8 +212,8 @@ def train(args: argparse.Namespace) -> dict:
 def _test_metrics(model, tokenizer, args: argparse.Namespace) -> dict:
     from .evaluate import evaluate
 
-    result = evaluate(model, tokenizer, args.test_data, args.batch_size, args.max_new_tokens,
-                      args.max_length)
+    result = evaluate(model, tokenizer, args.test_data, args.eval_batch_size or args.batch_size,
+                      args.max_new_tokens, args.max_length)
     return {"test_exact_match": result["exact_match"], "test_loss": result["loss"],
             "test_rows": result["n"]}
 
