@@ -81,13 +81,22 @@ def test_bf16_base_fp32_adapters_match_peft():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=2e-2, atol=1e-4)
 
 
-def test_function_matches_closed_form_with_its_mask():
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, "contiguous"),
+                                           (torch.float32, "transposed"),
+                                           (torch.float64, "contiguous")])
+def test_function_matches_closed_form_with_its_mask(dtype, layout):
     """Given the mask it drew, the function's output and every gradient equal autograd through
-    the explicit formula y + s * ((x * keep / (1 - p)) @ A^T) @ B^T, up to fp32 rounding (the
-    function applies 1 / (1 - p) after the matmul: values ~10, so ~1e-6 absolute)."""
+    the explicit formula y + s * ((x * keep / (1 - p)) @ A^T) @ B^T, up to rounding (the
+    function applies 1 / (1 - p) after the matmul: values ~10, so ~1e-6 absolute in fp32).
+    A transposed (non-contiguous) x goes through the numpy masking as a strided view."""
     torch.manual_seed(0)
-    y, x = torch.randn(3, 5, 6, requires_grad=True), torch.randn(3, 5, 8, requires_grad=True)
-    a, b = torch.randn(4, 8, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    y = torch.randn(3, 5, 6, dtype=dtype, requires_grad=True)
+    x = torch.randn(3, 5, 8, dtype=dtype)
+    if layout == "transposed":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    x.requires_grad_(True)
+    a = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, 4, dtype=dtype, requires_grad=True)
     p, s = 0.3, 1.7
     torch.manual_seed(7)
     keep = lora_fn.keep_mask(torch.Size((15, 8)), p, x.device).view(3, 5, 8)
@@ -100,6 +109,19 @@ def test_function_matches_closed_form_with_its_mask():
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masking_paths_agree(dtype):
+    """The numpy masking (fp32 on CPU) and the torch one (bf16 here; CUDA) give x * keep, as a
+    new tensor in the requested dtype and in place."""
+    x = torch.randn(64, 24).to(dtype)
+    keep = torch.rand(64, 24) > 0.3
+    expected = x.float() * keep
+    assert torch.equal(lora_fn._masked(x, keep, torch.float32), expected)
+    assert torch.equal(lora_fn._masked(x, keep, dtype), (x * keep))
+    t = x.clone()
+    assert lora_fn._mask_(t, keep) is t and torch.equal(t, x * keep)
 
 
 class Tiny(nn.Module):
@@ -150,10 +172,24 @@ def test_eval_mode_has_no_dropout_and_matches_peft():
     torch.testing.assert_close(ours.eval()(x), ref.eval()(x), rtol=0, atol=1e-6)
 
 
-def test_keep_mask_rate():
-    """1,000,000 draws: the kept fraction is 1 - p within 5 standard errors (0.0015 at p=0.3)."""
-    keep = lora_fn.keep_mask(torch.Size((1000, 1000)), 0.3, "cpu")
-    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.7) < 5 * 0.00046
+@pytest.mark.parametrize("p", [0.05, 0.3, 12.5 / 256, 0.5 / 256])
+def test_keep_mask_rate(p):
+    """2,000,000 draws: the dropped fraction is p within 5 binomial standard errors. At
+    p = 12.5/256 half the draws whose top byte ties with p's are dropped; deciding every tie the
+    same way would move the rate by 1/512 (13 standard errors); at 0.5/256 every drop is a tie."""
+    keep = lora_fn.keep_mask(torch.Size((2000, 1000)), p, "cpu")
+    se = (p * (1 - p) / keep.numel()) ** 0.5
+    assert keep.dtype == torch.bool and keep.shape == (2000, 1000)
+    assert abs(1 - keep.float().mean().item() - p) < 5 * se
+
+
+def test_keep_mask_follows_torch_seed():
+    shape = torch.Size((3, 1001))
+    torch.manual_seed(3)
+    first = lora_fn.keep_mask(shape, 0.1, "cpu")
+    torch.manual_seed(3)
+    assert torch.equal(lora_fn.keep_mask(shape, 0.1, "cpu"), first)
+    assert not torch.equal(lora_fn.keep_mask(shape, 0.1, "cpu"), first)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 1001])

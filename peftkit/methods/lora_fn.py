@@ -25,12 +25,17 @@ Backward (g: (N, out), the gradient of out; mask = 1 everywhere when p = 0):
 The LoRA math runs in the adapters' dtype (fp32 by default, also for a bf16/fp16 base), the result
 is cast back to y's dtype: the same arithmetic as PEFT's `base(x) + B(A(dropout(x))) * scaling`.
 The dropout mask is drawn by `keep_mask`, reproducibly under `torch.manual_seed`.
+
+On CPU the mask work (drawing, packing, `x * mask` twice, `grad_x *= mask`) runs in numpy for
+fp32/fp64: one vectorized pass each, where torch's bool-times-float kernels take a slow
+per-element casting path. Elsewhere (CUDA; bf16/fp16 tensors) it runs in torch.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -38,18 +43,24 @@ _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """Bool tensor of `shape`, each element True (kept) with probability 1 - p, independently.
 
-    On CPU the bits come from numpy's PCG64 (raw 64-bit words, each giving two uniform 32-bit
-    integers), seeded by a draw from torch's default generator (so `torch.manual_seed` fixes
-    them): about 4x faster than torch's `bernoulli_` there. An element
-    is dropped when a uniform 32-bit integer is below round(p * 2**32), so the drop probability
-    is p within 2**-33. Elsewhere torch's `bernoulli_`.
+    An element is dropped when a uniform 32-bit integer u is below t = round(p * 2**32), so the
+    drop probability is t / 2**32, p within 2**-33. On CPU u is drawn in two parts from numpy's
+    PCG64, seeded by a draw from torch's default generator (so `torch.manual_seed` fixes it):
+    its top byte for every element, which decides unless it equals the top byte of t (1 element
+    in 256), and its low 24 bits only for those ties. That is the same Bernoulli(t / 2**32) draw
+    at a quarter of the random bits: about 2.5x faster than 32 bits per element, 10x faster
+    than torch's `bernoulli_` there. Elsewhere torch's `bernoulli_`.
     """
     if torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
-    seed = int(torch.randint(0, 2**62, ()).item())
+    rng = np.random.PCG64(int(torch.randint(0, 2**62, ()).item()))
     n = shape.numel()
-    words = np.random.PCG64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
-    return torch.from_numpy(words >= np.uint32(round(p * 2**32))).view(shape)
+    top, low = divmod(round(p * 2**32), 2**24)
+    top_bytes = rng.random_raw((n + 7) // 8).view(np.uint8)[:n]
+    keep = top_bytes > top
+    ties = np.flatnonzero(top_bytes == top)
+    keep[ties] = (rng.random_raw(ties.size) & (2**24 - 1)) >= low
+    return torch.from_numpy(keep).view(shape)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -108,6 +119,7 @@ class LoraFunction(torch.autograd.Function):
         return out.view(*y.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, h, weight_a, weight_b, packed = ctx.saved_tensors
         need_y, need_x, need_a, need_b = ctx.needs_input_grad[:4]
@@ -129,15 +141,33 @@ class LoraFunction(torch.autograd.Function):
             if need_x:
                 gx = torch.mm(gh, weight_a, out=buffer) if buffer is not None else gh @ weight_a
                 if keep is not None:
-                    gx.mul_(keep)
+                    _mask_(gx, keep)
                 grad_x = gx.to(x.dtype).view(x.shape)
         grad_y = grad_out if need_y else None
         return grad_y, grad_x, grad_a, grad_b, None, None
 
 
+def _numpy_ok(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
 def _masked(x2: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x2 * keep as a new tensor in `dtype` (one pass when x2 is already in `dtype`)."""
-    return x2 * keep if x2.dtype == dtype else x2.to(dtype).mul_(keep)
+    """x2 * keep as a new tensor in `dtype`."""
+    if x2.dtype != dtype:
+        return _mask_(x2.to(dtype), keep)
+    if not _numpy_ok(x2):
+        return x2 * keep
+    out = torch.empty(x2.shape, dtype=dtype)
+    np.multiply(x2.detach().numpy(), keep.numpy(), out=out.numpy())
+    return out
+
+
+def _mask_(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """t *= keep in place; returns t."""
+    if _numpy_ok(t):
+        np.multiply(t.numpy(), keep.numpy(), out=t.numpy())
+        return t
+    return t.mul_(keep)
 
 
 def lora_forward(y: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor,
