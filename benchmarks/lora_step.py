@@ -1,7 +1,7 @@
 """LoRA training step, peftkit vs Hugging Face PEFT (+ transformers), side by side.
 
 Every (case, variant) runs in a fresh Python process; within a repeat the variants alternate
-(peft, peftkit, peftkit + fused loss, then again), so slow phases of a shared machine hit both.
+(peft, peftkit, peftkit-stock-loss, then again), so slow phases of a shared machine hit all.
 Each process loads the model, injects the same LoRA config with the same seed, and runs
 `warmup + steps` AdamW steps on the same random tokens (labels = inputs). It reports:
 
@@ -14,9 +14,10 @@ Each process loads the model, injects the same LoRA config with the same seed, a
   reset through /proc/self/clear_refs before the first step); on CUDA `max_memory_allocated`
   minus the allocation before the first step.
 
-Variants: `peft` computes `model(input_ids, labels=...).loss`; `peftkit` the same through
-peftkit's LoRA layers; `peftkit+fused-loss` uses `peftkit.loss.causal_lm_loss` (output head and
-cross-entropy fused and chunked; same loss value, no full logits).
+Variants: `peft` computes `model(input_ids, labels=...).loss`; `peftkit` is what `peftkit train`
+does: peftkit's LoRA layers and `peftkit.loss.causal_lm_loss` (output head and cross-entropy fused
+and chunked; same loss value, no full logits); `peftkit-stock-loss` runs peftkit's LoRA layers with
+`model(input_ids, labels=...).loss`, to show what the LoRA layers alone account for.
 
     python benchmarks/lora_step.py --cases target,dropout0 --steps 3 --write docs/benchmarks.md
 """
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("peft", "peftkit", "peftkit+fused-loss")
+VARIANTS = ("peft", "peftkit", "peftkit-stock-loss")
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # name: (model, dtype, targets, dropout, batch, seq, variants)
@@ -45,10 +46,10 @@ CASES = {
     "bf16": ("smollm2", "bfloat16", QKVO, 0.05, 4, 256, VARIANTS),
     "qlora": ("smollm2-nf4", "float32", QKVO, 0.05, 4, 128, VARIANTS),
     "tiny": ("tiny-llama", "float32", QKVO, 0.05, 2, 16, VARIANTS),  # a smoke test
-    **{f"seq{t}": ("smollm2", "float32", QKVO, 0.05, 1, t, ("peft", "peftkit+fused-loss"))
+    **{f"seq{t}": ("smollm2", "float32", QKVO, 0.05, 1, t, ("peft", "peftkit"))
        for t in (128, 256, 512, 1024)},
     **{f"llama-seq{t}": ("llama-random", "float32", QKVO, 0.05, 1, t,
-                         ("peft", "peftkit+fused-loss")) for t in (128, 512, 1024)},
+                         ("peft", "peftkit")) for t in (128, 512, 1024)},
 }
 # A larger random Llama (about 0.5B parameters) for the sequence-length sweep.
 LLAMA_RANDOM = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
@@ -115,7 +116,7 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).to(device)
 
-    if variant == "peftkit+fused-loss":
+    if variant == "peftkit":
         from peftkit.loss import causal_lm_loss
 
         loss_fn = lambda: causal_lm_loss(model, ids, ids)  # noqa: E731

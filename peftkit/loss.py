@@ -9,7 +9,8 @@ mean over the counted tokens, or sum / `num_items_in_batch`; a batch with no cou
 gives 0, not nan) from the decoder's hidden states,
 `chunk_size` tokens at a time. Each chunk's gradient is formed in the forward pass and its logits
 freed, so at most (chunk_size, V) logits live at once and backward only scales the stored
-gradients. Opt-in: `model(...).logits` and `.loss` are untouched.
+gradients. `model(...).logits` and `.loss` are untouched; `peftkit train` uses this loss for its
+training steps when `fusable(model)` (see `peftkit/train/trainer.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
+# Model types whose logits are `get_output_embeddings()(decoder output)`, nothing more, scored by
+# transformers' ForCausalLMLoss; tests/test_fused_lora.py checks each against model(...).loss.
+FUSABLE_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3",
+                       "smollm3")
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -98,3 +103,26 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     weight, bias = head.weight, getattr(head, "bias", None)
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, target,
                                     divisor, chunk_size)
+
+
+def fusable(model: nn.Module) -> bool:
+    """Whether `causal_lm_loss(model, ...)` computes `model(..., labels=...).loss`: a model type in
+    `FUSABLE_MODEL_TYPES` scored by transformers' causal-LM loss, with a plain `nn.Linear` output
+    head (or a `modules_to_save` copy of one) and no prompt-learning adapter active (its virtual
+    tokens take part in the model's loss)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from .methods.base import ModulesToSaveWrapper
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(lm, "config", None), "model_type", None) not in FUSABLE_MODEL_TYPES:
+        return False
+    if getattr(lm, "loss_function", None) is not ForCausalLMLoss:
+        return False
+    adapter = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    if adapter is not None and adapter.is_prompt_learning:
+        return False
+    head = lm.get_output_embeddings()
+    if isinstance(head, ModulesToSaveWrapper):
+        head = head._current()
+    return type(head) is nn.Linear

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import peftkit
+from peftkit import loss as loss_module
 from peftkit import models
 from peftkit.loss import causal_lm_loss
 from peftkit.methods import lora_fn
@@ -229,3 +230,54 @@ def test_fused_loss_refuses_logit_softcapping():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         causal_lm_loss(model, *batch())
+
+
+def tiny_causal_lm(model_type):
+    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+
+    if model_type == "gpt2":
+        kw = dict(n_embd=16, n_layer=2, n_head=2, n_positions=64)
+    else:
+        kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, head_dim=8,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    config = CONFIG_MAPPING[model_type](vocab_size=64, pad_token_id=0, **kw)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", loss_module.FUSABLE_MODEL_TYPES)
+def test_fusable_model_types_match_transformers(model_type):
+    """Each model type `fusable` accepts: the fused loss and its gradients equal
+    model(..., labels=...).loss's on a right-padded batch, in training mode."""
+    model = tiny_causal_lm(model_type).train()
+    assert loss_module.fusable(model)
+    ids, labels = batch(shape=(3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:], labels[1, 6:] = 0, -100
+    results = []
+    for fn in (lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+               lambda: causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_size=5)):
+        torch.manual_seed(1)  # GPT-2 has dropout; both calls draw the same masks
+        loss = fn()
+        loss.backward()
+        results.append((loss, [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    for got, expected in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fusable_refuses_what_it_cannot_reproduce():
+    """No fusing for an unlisted model type, an adapted output head, a custom loss function or
+    an active prompt-tuning adapter; a modules_to_save copy of the head is fine."""
+    assert not loss_module.fusable(tiny_causal_lm("gemma2"))  # final_logit_softcapping
+    lm_head = dict(r=4, target_modules=["q_proj", "lm_head"])
+    assert not loss_module.fusable(peftkit.get_peft_model(models.tiny_llama(0),
+                                                          peftkit.LoraConfig(**lm_head)))
+    saved = peftkit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    assert loss_module.fusable(peftkit.get_peft_model(models.tiny_llama(0), saved))
+    custom = models.tiny_llama(0)
+    custom.loss_function = lambda *a, **kw: 0.0
+    assert not loss_module.fusable(custom)
+    prompt = peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    assert not loss_module.fusable(peftkit.get_peft_model(models.tiny_llama(0), prompt))

@@ -168,6 +168,49 @@ def test_resume_after_interrupted_save_matches_uninterrupted_run(
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method, fused", [("lora", True), ("full", True), ("prompt", False)])
+def test_fused_loss_equals_stock_loss(method, fused, model_dir, tmp_path, capsys, monkeypatch):
+    """`peftkit train` with the fused loss (the default) gives every micro-batch the loss and
+    trains the weights `--no-fused-loss` does, within fp32 rounding: rows of different lengths
+    (padded batches, a different token count per micro-batch), gradient accumulation 2 (the last
+    step accumulates one micro-batch), LoRA dropout on (both runs draw the same masks). The fused
+    loss runs for every training micro-batch and never for evaluation; prompt tuning keeps the
+    stock loss (its virtual tokens take part in it)."""
+    import peftkit.train.trainer as trainer_module
+
+    rows = [{"prompt": f"{a} plus {b}" + "?" * a, "completion": str(a + b) * (1 + b % 3)}
+            for a in range(4) for b in range(3)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls, losses = [], []  # fused-loss calls; every micro-batch's loss, unrounded
+    real_loss, real_step = trainer_module.causal_lm_loss, trainer_module.AdapterTrainer.training_step
+    monkeypatch.setattr(trainer_module, "causal_lm_loss",
+                        lambda *a, **kw: calls.append(1) or real_loss(*a, **kw))
+    monkeypatch.setattr(trainer_module.AdapterTrainer, "training_step",
+                        lambda *a, **kw: losses.append(real_step(*a, **kw)) or losses[-1])
+    results = {}
+    for flag in ("--fused-loss", "--no-fused-loss"):
+        out = str(tmp_path / flag)
+        calls.clear()
+        losses.clear()
+        rc, _, err = run(capsys, *train_args(model_dir, str(data), out, flag, "--method", method,
+                                             "--batch-size", 2, "--grad-accum", 2,
+                                             "--max-steps", 3, "--eval-split", 0.25))
+        assert rc == 0, err
+        logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        files = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+        weights = {k: v for f in files for k, v in load_file(os.path.join(out, f)).items()}
+        results[flag] = (torch.stack(losses), [r["eval_loss"] for r in logged if "eval_loss" in r],
+                         weights, len(calls))
+    (steps, evals, weights, n), (ref_steps, ref_evals, ref_weights, ref_n) = results.values()
+    assert (n, ref_n) == ((5, 0) if fused else (0, 0))  # 9 training rows: 5 micro-batches
+    assert len(steps) == 5 and evals and weights.keys() == ref_weights.keys()
+    torch.testing.assert_close(steps, ref_steps, rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(evals), torch.tensor(ref_evals), rtol=1e-5, atol=0)
+    for key, value in ref_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--method", "dora"], "unknown method 'dora'; choose one of full, lora"),
     (["--method", "full", "--r", 4], "--r does not apply to --method full (it applies to: lora"),

@@ -61,6 +61,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add(t, "--bf16", False, action="store_true", help="bf16 mixed precision")
     _add(t, "--gradient-checkpointing", False, action="store_true",
          help="recompute activations in the backward pass")
+    _add(t, "--fused-loss", True, action=argparse.BooleanOptionalAction,
+         help="training steps of a supported causal LM compute the loss chunk by chunk from "
+              "hidden states, never holding the (batch, length, vocab) logits; same loss as "
+              "transformers' (--no-fused-loss: theirs)")
     _add(t, "--seed", 42, type=int, help="seed for initialization and data order")
     _add(t, "--logging-steps", 10, type=int, help="log the loss every N steps")
     _add(t, "--eval-steps", type=int, help="evaluate every N steps (default: each epoch)")

@@ -175,7 +175,7 @@ def train(args: argparse.Namespace) -> dict:
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=[JsonlLogger(args.output_dir)],
+        callbacks=[JsonlLogger(args.output_dir)], fused_loss=args.fused_loss,
     )
     memory = PeakMemory()
     memory.start()

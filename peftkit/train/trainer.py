@@ -5,20 +5,54 @@ A `PeftModel` is not a `PreTrainedModel`, so the stock `Trainer` would save its 
 checkpoint holds (optimizer, scheduler, RNG states, `trainer_state.json`) is the stock Trainer's.
 `trainer_state.json` is the last file a checkpoint gets, so a checkpoint folder without a readable
 one is an interrupted save and `last_complete_checkpoint` skips it.
+
+With `fused_loss` (the default) a training step computes the loss with `loss.causal_lm_loss` (no
+(B, T, V) logits) when `loss.fusable(model)` and the batch holds only input_ids, attention_mask,
+position_ids and labels. It stands in for the model's forward during that step only, so the
+stock `compute_loss`/`training_step` still decide everything around it: `num_items_in_batch`
+(passed when the model accepts loss kwargs), the division for gradient accumulation, the
+world-size factor of `average_tokens_across_devices`, DDP's gradient sync and accelerate's
+autocast. Evaluation, label smoothing, a `compute_loss_func` and sequence or context parallelism
+keep the stock loss from full logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 
+import torch
+from torch import nn
 from transformers import Trainer
 
+from ..loss import causal_lm_loss, fusable
 from ..model import PeftModel
+
+FUSED_INPUTS = {"input_ids", "attention_mask", "position_ids", "labels"}
 
 
 class AdapterTrainer(Trainer):
+    def __init__(self, *args, fused_loss: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fused_loss = fused_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not self._fuses(model, inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with _loss_as_forward(self.accelerator.unwrap_model(model), self.accelerator.autocast):
+            return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+
+    def _fuses(self, model: nn.Module, inputs: dict) -> bool:
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        return (self.fused_loss and model.training and torch.is_grad_enabled()
+                and "labels" in inputs and set(inputs) <= FUSED_INPUTS
+                and self.label_smoother is None and self.compute_loss_func is None
+                and not self.args.torch_compile
+                and not (parallel is not None and (parallel.sp_enabled or parallel.cp_enabled))
+                and fusable(self.accelerator.unwrap_model(model)))
+
     def _peft_model(self) -> PeftModel | None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         return model if isinstance(model, PeftModel) else None
@@ -39,6 +73,26 @@ class AdapterTrainer(Trainer):
         if peft_model is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         peft_model._load_weights(peft_model.active_adapter, resume_from_checkpoint)
+
+
+@contextlib.contextmanager
+def _loss_as_forward(module: nn.Module, autocast):
+    """While active, `module(**batch)` returns {"loss": causal_lm_loss(module, **batch)}, under
+    `autocast()` (in place of accelerate's mixed-precision wrapper of `forward`, if any)."""
+    saved = module.__dict__.get("forward")
+
+    def forward(**batch):
+        with autocast():
+            return {"loss": causal_lm_loss(module, **batch)}
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
