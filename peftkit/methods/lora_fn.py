@@ -26,9 +26,11 @@ The LoRA math runs in the adapters' dtype (fp32 by default, also for a bf16/fp16
 is cast back to y's dtype: the same arithmetic as PEFT's `base(x) + B(A(dropout(x))) * scaling`.
 The dropout mask is drawn by `keep_mask`, reproducibly under `torch.manual_seed`.
 
-On CPU the mask work (drawing, packing, `x * mask` twice, `grad_x *= mask`) runs in numpy for
-fp32/fp64: one vectorized pass each, where torch's bool-times-float kernels take a slow
-per-element casting path. Elsewhere (CUDA; bf16/fp16 tensors) it runs in torch.
+On CPU the mask work runs in numpy: drawing and bit-packing always, `x * mask` (forward and
+backward) and `grad_x *= mask` for fp32/fp64 tensors, one vectorized pass each, where torch's
+bool-times-float kernels take a per-element casting path (in SmolLM2 training that cut the
+dropout's share of this function's time per step from 6.2 s to 0.6 s). Elsewhere (CUDA, bf16 or
+fp16 tensors) torch ops.
 """
 
 from __future__ import annotations
