@@ -96,9 +96,10 @@ def plot(records: list[dict], out_dir: str) -> list[str]:
     for r in done:
         if r["train_method"] == ZERO_SHOT:
             ax.axhline(r["exact_match"], linestyle="--", color="grey", label="zero-shot")
-            ax.legend(loc="lower right")
+            ax.legend(loc="best")
     if trained:
         ax.set_xscale("log")
+        ax.margins(x=0.2)
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     ax.set_ylabel("exact match (test split)")
     ax.set_ylim(-0.02, 1.02)
