@@ -113,7 +113,8 @@ def chat_row(question: str, answer: str) -> dict:
                          {"role": "assistant", "content": answer}]}
 
 
-def examples(name: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
+def examples(name: str, n: int, seed: int,
+             exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
     """`n` distinct (question, answer) pairs of task `name` from `seed`, none in `exclude`."""
     task = get(name)
     rng, seen, out = random.Random(f"{name}:{seed}"), set(exclude), []

@@ -139,10 +139,12 @@ def test_table_gives_absolute_figures_and_shares_of_full_fine_tuning():
         return {"method": method, "train_method": method, "status": "ok", "trainable_params":
                 params, "all_params": 1000, "trainable_pct": params / 10, "peak_memory_mb": memory,
                 "peak_memory_kind": "process peak RSS above the loaded model",
-                "train_seconds": seconds, "exact_match": em, "eval_loss": 0.5}
+                "train_seconds": seconds, "exact_match": em, "eval_loss": 0.5,
+                "model_memory_mb": 900}
 
     full = record("full", 1000, 2000, 100, 0.8)
     rows = report.with_relative([full, record("lora", 5, 600, 25, 0.76)], full)
     table = report.markdown(rows, Setup("t.jsonl", "e.jsonl", "custom"), "full", "peftkit x")
-    assert "| lora | 5 (0.5%) | 600 MiB (30%) | 25 s (25%) | 0.76 (95%) | 0.500 |" in table
+    lora = "| lora | 5 (0.5%) | 600 MiB (30%) | 25 s (25%) | 0.76 (95%) | 0.500 | 900 MiB |"
+    assert lora in table
     assert "| full (reference) | 1,000 (100%) | 2,000 MiB (100%) | 100 s (100%) |" in table

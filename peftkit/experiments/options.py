@@ -68,8 +68,8 @@ def _digest(*paths: str) -> str:
     """sha256 over the files' bytes (a folder: its files, in name order)."""
     digest = hashlib.sha256()
     for path in paths:
-        files = ([os.path.join(d, f) for d, _, names in sorted(os.walk(path)) for f in sorted(names)]
-                 if os.path.isdir(path) else [path])
+        files = [path] if not os.path.isdir(path) else [
+            os.path.join(d, f) for d, _, names in sorted(os.walk(path)) for f in sorted(names)]
         for name in files:
             with open(name, "rb") as fh:
                 digest.update(fh.read())

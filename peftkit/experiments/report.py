@@ -35,7 +35,9 @@ def with_relative(records: list[dict], reference: dict | None) -> list[dict]:
 
 
 def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.0f}%" if value >= 0.1 else f"{100 * value:.2g}%"
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.0f}%" if value >= 0.1 else f"{100 * value:.2g}%"
 
 
 def _cell(text: str, rel: float | None, show_rel: bool) -> str:
@@ -46,22 +48,24 @@ def markdown(records: list[dict], setup: Setup, reference_label: str | None,
              command: str) -> str:
     ref = reference_label is not None
     rows = ["| method | trainable params | peak training memory | training time | "
-            "exact match | eval loss |", "|---|---|---|---|---|---|"]
+            "exact match | eval loss | memory before training |", "|---|---|---|---|---|---|---|"]
     for r in records:
         if r["status"] != "ok":
-            rows.append(f"| {r['method']} | failed: {r.get('error', '')} | | | | |")
+            rows.append(f"| {r['method']} | failed: {r.get('error', '')} | | | | | |")
             continue
         rel = r["relative"]
         mark = " (reference)" if r["method"] == reference_label else ""
         if r["train_method"] == ZERO_SHOT:
-            params = memory = time = "—"
+            params = memory = time = before = "—"
         else:
             params = f"{r['trainable_params']:,} ({r['trainable_pct']:.3g}%)"
             memory = _cell(f"{r['peak_memory_mb']:,.0f} MiB", rel["peak_memory"], ref)
             time = _cell(f"{r['train_seconds']:.0f} s", rel["train_seconds"], ref)
+            loaded = r.get("model_memory_mb")
+            before = "n/a" if loaded is None else f"{loaded:,.0f} MiB"
         quality = _cell(f"{r['exact_match']:.2f}", rel["exact_match"], ref)
         rows.append(f"| {r['method']}{mark} | {params} | {memory} | {time} | {quality} | "
-                    f"{r['eval_loss']:.3f} |")
+                    f"{r['eval_loss']:.3f} | {before} |")
     kinds = sorted({r["peak_memory_kind"] for r in records if r.get("peak_memory_kind")})
     budget = (f"{setup.max_steps} steps x batch {setup.batch_size} x {setup.grad_accum} "
               f"accumulation, max length {setup.max_length}, seed {setup.seed}")
@@ -71,7 +75,8 @@ def markdown(records: list[dict], setup: Setup, reference_label: str | None,
         "Trainable params: count and % of the model's parameters. Other percentages: the "
         "figure as a share of the reference run's" + (f" (`{reference_label}`)." if ref
                                                       else " (no reference run)."),
-        f"Peak training memory: {', '.join(kinds) or 'n/a'}. Training time: wall clock of "
+        f"Peak training memory: {', '.join(kinds) or 'n/a'}. Memory before training: the "
+        "process with its model loaded (CPU: RSS; CUDA: allocated). Training time: wall clock of "
         "`trainer.train()`. Exact match: greedy answers on the test split.",
         f"Command: `{command}`",
     ]
