@@ -114,3 +114,12 @@ def find_targets(model: nn.Module, config) -> list[str]:
             f"layer; target linear modules such as {leaves}"
         )
     return chosen
+
+
+def model_default(model: nn.Module, table: dict, method: str, fix: str):
+    """`table[model.config.model_type]`, a method's default targets; a clear error without one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in table:
+        raise ValueError(f"target_modules is not set and peftkit has no {method}default for "
+                         f"model_type {model_type!r}; {fix}")
+    return table[model_type]

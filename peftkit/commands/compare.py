@@ -28,7 +28,7 @@ def _run(args) -> int:
 
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in chosen:
-        options._method(method, "--methods")
+        options.method_name(method, "--methods")
     extra = options.overrides(args)
     setup = options.setup(args)
     runs = [Run(ZERO_SHOT, ZERO_SHOT)] + [Run(m, m, options.flags(m, extra)) for m in chosen]

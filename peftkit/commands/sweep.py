@@ -48,7 +48,7 @@ def _run(args) -> int:
     from ..experiments.experiment import run_experiment
     from ..experiments.runs import ZERO_SHOT, Run
 
-    method = options._method(args.method, "--method")
+    method = options.method_name(args.method, "--method")
     param = args.param.replace("-", "_")
     if param in BUDGET:
         raise ValueError(f"--param {args.param} is part of the budget every run shares; "
@@ -60,7 +60,7 @@ def _run(args) -> int:
     setup = options.setup(args)
     runs = []
     for value in values:
-        flags = {**options.flags(method, extra), param: options._value(value)}
+        flags = {**options.flags(method, extra), param: options.parse_value(value)}
         if param == "r" and args.alpha_ratio and "lora_alpha" in flags:
             flags["lora_alpha"] = args.alpha_ratio * int(value)
         runs.append(Run(f"{param}={value}", method, flags))

@@ -76,7 +76,7 @@ def _digest(*paths: str) -> str:
     return digest.hexdigest()
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A --set / --values string as the JSON records show it: bool, int, float or str."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
@@ -93,18 +93,18 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for item in filter(None, (s.strip() for s in args.lr.split(","))):
         method, _, value = item.partition("=")
-        out.setdefault(_method(method, "--lr " + item), {})["learning_rate"] = float(value)
+        out.setdefault(method_name(method, "--lr " + item), {})["learning_rate"] = float(value)
     for item in args.set:
         key, eq, value = item.partition("=")
         method, dot, option = key.partition(".")
         if not (eq and dot and option):
             raise ValueError(f"--set {item!r}: expected METHOD.OPTION=VALUE, e.g. lora.r=8")
-        out.setdefault(_method(method, "--set " + item), {})[option.replace("-", "_")] = \
-            _value(value)
+        out.setdefault(method_name(method, "--set " + item), {})[option.replace("-", "_")] = \
+            parse_value(value)
     return out
 
 
-def _method(name: str, where: str) -> str:
+def method_name(name: str, where: str) -> str:
     if name not in methods.METHODS:
         raise ValueError(f"{where}: unknown method {name!r}; choose one of "
                          f"{', '.join(methods.METHODS)}")

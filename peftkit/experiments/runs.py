@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -137,16 +138,18 @@ class Progress:
 def _child(argv: list[str], log_path: str, on_poll: Callable[[], None] | None = None) -> str:
     """Run `peftkit ARGV` in a child process, stderr to `log_path`; return its stdout."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "a", encoding="utf-8") as log:
+    # stdout goes to a file, not a pipe: a chatty child never blocks on a full pipe buffer.
+    with open(log_path, "a", encoding="utf-8") as log, tempfile.TemporaryFile("w+") as out:
         log.write("$ peftkit " + " ".join(argv) + "\n")
         log.flush()
         child = subprocess.Popen([sys.executable, "-m", "peftkit.cli", *argv], env=env,
-                                 stdout=subprocess.PIPE, stderr=log, text=True)
+                                 stdout=out, stderr=log, text=True)
         while child.poll() is None:
             if on_poll:
                 on_poll()
             time.sleep(1.0)
-        stdout = child.stdout.read()
+        out.seek(0)
+        stdout = out.read()
         log.write(stdout)
     if child.returncode != 0:
         raise RuntimeError(_last_error(log_path) or f"exit status {child.returncode}")

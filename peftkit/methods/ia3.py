@@ -158,14 +158,9 @@ class IA3Method(Method):
     def inject(self, model: nn.Module, config: IA3Config, name: str,
                autocast_adapter_dtype: bool = True) -> None:
         if config.target_modules is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in DEFAULT_TARGETS:
-                raise ValueError(
-                    f"target_modules is not set and peftkit has no (IA)^3 default for model_type "
-                    f"{model_type!r}; pass target_modules=[...] and feedforward_modules=[...]"
-                )
-            config.target_modules, config.feedforward_modules = (
-                list(v) for v in DEFAULT_TARGETS[model_type])
+            config.target_modules, config.feedforward_modules = (list(v) for v in (
+                targets.model_default(model, DEFAULT_TARGETS, "(IA)^3 ",
+                                      "pass target_modules=[...] and feedforward_modules=[...]")))
         paths = targets.find_targets(model, config)
         for path in paths:
             layer = model.get_submodule(path)

@@ -263,13 +263,8 @@ class LoraMethod(Method):
     def inject(self, model: nn.Module, config: LoraConfig, name: str,
                autocast_adapter_dtype: bool = True) -> None:
         if config.target_modules is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in DEFAULT_TARGETS:
-                raise ValueError(
-                    f"target_modules is not set and peftkit has no default for model_type "
-                    f"{model_type!r}; pass target_modules=[...] or 'all-linear'"
-                )
-            config.target_modules = list(DEFAULT_TARGETS[model_type])
+            config.target_modules = list(targets.model_default(
+                model, DEFAULT_TARGETS, "", "pass target_modules=[...] or 'all-linear'"))
         paths = targets.find_targets(model, config)
         modules = dict(targets.named_modules(model))
         is_conv1d = [isinstance(modules[p], Conv1D) for p in paths]
