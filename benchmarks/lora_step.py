@@ -1,7 +1,7 @@
 """LoRA training step, peftkit vs Hugging Face PEFT (+ transformers), side by side.
 
 Every (case, variant) runs in a fresh Python process; within a repeat the variants alternate
-(peft, peftkit, peftkit-stock-loss, then again), so slow phases of a shared machine hit all.
+(peft, peftkit, peftkit-lora-only, then again), so slow phases of a shared machine hit all.
 Each process loads the model, injects the same LoRA config with the same seed, and runs
 `warmup + steps` AdamW steps on the same random tokens (labels = inputs). It reports:
 
@@ -15,9 +15,11 @@ Each process loads the model, injects the same LoRA config with the same seed, a
   minus the allocation before the first step.
 
 Variants: `peft` computes `model(input_ids, labels=...).loss`; `peftkit` is what `peftkit train`
-does: peftkit's LoRA layers and `peftkit.loss.causal_lm_loss` (output head and cross-entropy fused
-and chunked; same loss value, no full logits); `peftkit-stock-loss` runs peftkit's LoRA layers with
-`model(input_ids, labels=...).loss`, to show what the LoRA layers alone account for.
+does: peftkit's LoRA layers, `peftkit.loss.causal_lm_loss` (output head and cross-entropy fused
+and chunked; same loss value, no full logits) and `peftkit.swiglu.lean_swiglu` (the MLPs save
+two activations instead of three; bitwise the same values); `peftkit-lora-only` runs peftkit's
+LoRA layers with transformers' own forward and `model(input_ids, labels=...).loss`, to show what
+the LoRA layers alone account for.
 
     python benchmarks/lora_step.py --cases target,dropout0 --steps 3 --write docs/benchmarks.md
 """
@@ -35,7 +37,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("peft", "peftkit", "peftkit-stock-loss")
+VARIANTS = ("peft", "peftkit", "peftkit-lora-only")
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # name: (model, dtype, targets, dropout, batch, seq, variants)
@@ -118,8 +120,11 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
 
     if variant == "peftkit":
         from peftkit.loss import causal_lm_loss
+        from peftkit.swiglu import lean_swiglu
 
-        loss_fn = lambda: causal_lm_loss(model, ids, ids)  # noqa: E731
+        def loss_fn():
+            with lean_swiglu(model):
+                return causal_lm_loss(model, ids, ids)
     else:
         loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
 

@@ -6,11 +6,11 @@ arXiv:2410.10989).
 gradient: for SmolLM2 at 8 x 256 tokens and V = 49,152 that is about 1.2 GB. `causal_lm_loss`
 computes the same loss as transformers' `ForCausalLMLoss` (labels shifted left, -100 ignored,
 mean over the counted tokens, or sum / `num_items_in_batch`; a batch with no counted token
-gives 0, not nan) from the decoder's hidden states,
-`chunk_size` tokens at a time. Each chunk's gradient is formed in the forward pass and its logits
-freed, so at most (chunk_size, V) logits live at once and backward only scales the stored
-gradients. `model(...).logits` and `.loss` are untouched; `peftkit train` uses this loss for its
-training steps when `fusable(model)` (see `peftkit/train/trainer.py`).
+gives 0, not nan) from the decoder's hidden states, `chunk_size` tokens at a time. Each chunk's
+logits, softmax and gradient are formed in one reused (chunk_size, V) fp32 buffer during the
+forward pass, so that buffer is all the logits memory there is, and backward only scales the
+stored gradients. `model(...).logits` and `.loss` are untouched; `peftkit train` uses this loss
+for its training steps when `fusable(model)` (see `peftkit/train/trainer.py`).
 """
 
 from __future__ import annotations
@@ -40,20 +40,26 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        total = hidden.new_zeros((), dtype=torch.float32)
+        row_loss = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)  # summed once, at the end
+        # One (chunk, V) fp32 buffer for every chunk; the softmax and its gradient are formed in it
+        buffer = hidden.new_empty((min(chunk_size, hidden.shape[0]), weight.shape[0]),
+                                  dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             t = target[start:start + chunk_size]
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
-            logits = nn.functional.linear(h, weight, bias).float()  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)
+            logits = _logits_into(buffer[:h.shape[0]], h, weight, bias)  # (C, V)
             picked = logits.gather(1, safe_t).squeeze(1)
-            total += torch.where(valid, lse - picked, 0).sum()
+            # logsumexp as torch computes it: max + log(sum(exp(logits - max)))
+            top = logits.amax(1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(1, keepdim=True)
+            lse = (sums.log() + top).squeeze(1)
+            row_loss[start:start + chunk_size] = torch.where(valid, lse - picked, 0)
             if not (need_h or need_w or need_b):
                 continue
             # d loss / d logits = (softmax - onehot(target)) / divisor, zero on ignored rows
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()
+            grad = logits.div_(sums)
             grad.scatter_add_(1, safe_t, torch.full_like(picked, -1.0).unsqueeze(1))
             grad.mul_((valid / divisor).unsqueeze(1))
             g = grad.to(weight.dtype)
@@ -65,7 +71,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_bias += grad.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        return total / divisor
+        return row_loss.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -76,10 +82,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (*out, None, None, None)
 
 
+def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """out[:] = h @ weight^T + bias, computed in the weight's dtype (or autocast's); out: (C, V)
+    fp32."""
+    if h.dtype != out.dtype or weight.dtype != out.dtype or torch.is_autocast_enabled(h.device.type):
+        return out.copy_(nn.functional.linear(h, weight, bias))
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None,
                    num_items_in_batch: int | torch.Tensor | None = None,
-                   chunk_size: int = 256, **kwargs) -> torch.Tensor:
+                   chunk_size: int = 128, **kwargs) -> torch.Tensor:
     """The loss `model(input_ids, labels=labels, ...).loss` would give, without full logits.
 
     model: a transformers causal LM (or a PeftModel around one) whose logits are

@@ -225,6 +225,34 @@ def test_fused_loss_matches_transformers_with_trainable_head():
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_loss_is_as_accurate_as_the_stock_loss():
+    """Against the float64 loss and gradients, the fused fp32 loss (softmax formed in place as
+    exp(z - max) / sum) errs no more than fp32 cross_entropy on full logits does: 5,000 classes,
+    chunks of 100 rows that do not divide 512, ignored rows."""
+    from peftkit.loss import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(512, 64, generator=g, dtype=torch.float64)
+    weight = torch.randn(5000, 64, generator=g, dtype=torch.float64) * 0.3
+    target = torch.randint(0, 5000, (512,), generator=g)
+    target[:50] = -100
+    stock = lambda h, w: nn.functional.cross_entropy(h @ w.t(), target)  # noqa: E731
+    fused = lambda h, w: LinearCrossEntropy.apply(  # noqa: E731
+        h, w, None, target, (target != -100).sum().to(h.dtype), 100)
+
+    def loss_and_grads(fn, dtype):
+        h, w = (t.to(dtype, copy=True).requires_grad_() for t in (hidden, weight))
+        loss = fn(h, w)
+        loss.backward()
+        return [t.detach().double() for t in (loss, h.grad, w.grad)]
+
+    exact = loss_and_grads(stock, torch.float64)
+    errors = [[((a - b).norm() / b.norm()).item()
+               for a, b in zip(loss_and_grads(fn, torch.float32), exact)] for fn in (stock, fused)]
+    for stock_err, fused_err in zip(*errors):
+        assert fused_err <= 1.5 * stock_err + 1e-9, errors
+
+
 def test_fused_loss_refuses_logit_softcapping():
     model = models.tiny_llama(0)
     model.config.final_logit_softcapping = 30.0

@@ -14,6 +14,11 @@ stock `compute_loss`/`training_step` still decide everything around it: `num_ite
 world-size factor of `average_tokens_across_devices`, DDP's gradient sync and accelerate's
 autocast. Evaluation, label smoothing, a `compute_loss_func` and sequence or context parallelism
 keep the stock loss from full logits.
+
+Every training step's forward also runs the model's gated SiLU MLPs through `swiglu.SiluMul`
+(bitwise the stock values and gradients, one (N, I) activation fewer saved per layer), except
+under gradient checkpointing, whose recomputation must save what the first forward saved, and
+`torch_compile`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from transformers import Trainer
 
 from ..loss import causal_lm_loss, fusable
 from ..model import PeftModel
+from ..swiglu import lean_swiglu
 
 FUSED_INPUTS = {"input_ids", "attention_mask", "position_ids", "labels"}
 
@@ -39,10 +45,21 @@ class AdapterTrainer(Trainer):
         self.fused_loss = fused_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not self._fuses(model, inputs):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with _loss_as_forward(self.accelerator.unwrap_model(model), self.accelerator.autocast):
-            return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        with self._lean_mlps(model):
+            if return_outputs or not self._fuses(model, inputs):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with _loss_as_forward(self.accelerator.unwrap_model(model), self.accelerator.autocast):
+                return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+
+    def _lean_mlps(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        module = self.accelerator.unwrap_model(model)
+        checkpointing = getattr(module, "is_activation_checkpointing", None)  # transformers >= 5
+        if checkpointing is None:
+            checkpointing = getattr(module, "is_gradient_checkpointing", False)
+        if (model.training and torch.is_grad_enabled() and not self.args.torch_compile
+                and not checkpointing):
+            return lean_swiglu(module)
+        return contextlib.nullcontext()
 
     def _fuses(self, model: nn.Module, inputs: dict) -> bool:
         parallel = getattr(self.accelerator, "parallelism_config", None)
