@@ -210,10 +210,11 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="target,dropout0,seq128,seq512,seq1024")
+    parser.add_argument("--cases", default="target,dropout0,seq128,seq512,seq1024",
+                        help="comma-separated; CASE*N runs that case N times (medians shown)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each case without *N")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write", help="write the table (and how it was made) to this file")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
@@ -221,10 +222,16 @@ def main() -> None:
     if args.worker:
         print(json.dumps(run_one(*args.worker, args.steps, args.warmup, args.device)))
         return
+    plan = []
+    for item in args.cases.split(","):
+        case, star, n = item.partition("*")
+        if case not in CASES or (star and not n.isdigit()):
+            parser.error(f"--cases: {item!r} is not CASE or CASE*N; cases: {', '.join(CASES)}")
+        plan.append((case, int(n) if star else args.repeats))
     results = []
     start = time.time()
-    for case in args.cases.split(","):
-        for _ in range(args.repeats):
+    for case, repeats in plan:
+        for _ in range(repeats):
             for variant in CASES[case][6]:
                 r = spawn(case, variant, args)
                 print(f"{case:10s} {variant:20s} {r['step_s']:7.2f} s  {r['cpu_s']:7.1f} cpu-s  "
@@ -232,15 +239,18 @@ def main() -> None:
                       flush=True)
                 results.append(r)
         if args.write:  # after every case, so a cut-short run still leaves its table
-            write(args, results, time.time() - start)
+            write(args, plan, results, time.time() - start)
     print(table(results))
 
 
-def write(args, results: list[dict], seconds: float) -> None:
+def write(args, plan: list[tuple[str, int]], results: list[dict], seconds: float) -> None:
     command = "python " + " ".join(["benchmarks/lora_step.py"] + sys.argv[1:])
+    counts = {n for _, n in plan}
+    repeats = (f"{counts.pop()} fresh process" if len(counts) == 1 else
+               "Fresh processes (" + ", ".join(f"{c}: {n}" for c, n in plan) + ")")
     with open(args.write, "w") as f:
         f.write(HEADER.format(command=command, machine=machine(), device=args.device,
-                              steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                              steps=args.steps, warmup=args.warmup, repeats=repeats,
                               minutes=seconds / 60, table=table(results)))
 
 
@@ -250,9 +260,10 @@ Produced by one run of
 
     {command}
 
-Machine: {machine}; device `{device}`. {repeats} fresh process per case and variant, variants
-alternating; {warmup} warm-up step, then the median of {steps} measured steps (AdamW, lr 1e-4,
-r=16, lora_alpha=32, random tokens with labels = inputs). The run took {minutes:.0f} minutes.
+Machine: {machine}; device `{device}`.
+{repeats} per case and variant (the table shows medians over them), variants alternating;
+{warmup} warm-up step, then the median of {steps} measured steps (AdamW, lr 1e-4, r=16,
+lora_alpha=32, random tokens with labels = inputs). The run took {minutes:.0f} minutes.
 
 Peak training memory: the peak RSS during the steps above the RSS of the loaded model with its
 adapters (weights copied to anonymous memory and `malloc_trim` before the baseline; on CUDA:

@@ -30,11 +30,11 @@ GATED_MLPS = ("LlamaMLP", "MistralMLP", "Olmo2MLP", "Qwen2MLP", "Qwen2MoeMLP", "
 
 
 class SiluMul(torch.autograd.Function):
-    """silu(g) * u for g, u: (..., I) of one dtype; saves g and u only."""
+    """silu(g) * u for g, u: (..., I) of one dtype; saves g, and u when g needs a gradient."""
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(g, u)
+        ctx.save_for_backward(g, u if ctx.needs_input_grad[0] else None)  # grad_u needs g only
         return F.silu(g).mul_(u)
 
     @staticmethod
