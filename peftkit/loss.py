@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
+# Scored tokens per chunk: a (512, V) fp32 buffer, 100 MB for a 49,152-token vocabulary. On 2 CPU
+# cores SmolLM2's loss over 2,048 tokens took 3.20 / 2.78 / 2.55 / 2.48 s at 128 / 256 / 512 / 1024.
+CHUNK_SIZE = 512
 # Model types whose logits are `get_output_embeddings()(decoder output)`, nothing more, scored by
 # transformers' ForCausalLMLoss; tests/test_fused_lora.py checks each against model(...).loss.
 FUSABLE_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3",
@@ -30,8 +33,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     hidden: (N, H); weight: (V, H); bias: (V,) or None; target: (N,) int64 with -100 = ignore.
     Logits are computed in the weight's dtype and upcast to fp32, as transformers does.
-    Saved for backward: grad wrt hidden (N, H) and, only if they require grad, wrt weight (V, H)
-    and bias (V,); all already divided by `divisor`.
+    Rows whose target is ignored get no logits (their loss and gradient are 0), so a masked
+    prompt costs nothing here. Saved for backward: grad wrt hidden (N, H) and, only if they
+    require grad, wrt weight (V, H) and bias (V,); all already divided by `divisor`.
     """
 
     @staticmethod
@@ -40,31 +44,30 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        row_loss = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)  # summed once, at the end
+        rows = (target != IGNORE_INDEX).nonzero().squeeze(1)  # ignored rows need no logits
+        row_loss = hidden.new_empty(rows.numel(), dtype=torch.float32)  # summed once, at the end
         # One (chunk, V) fp32 buffer for every chunk; the softmax and its gradient are formed in it
-        buffer = hidden.new_empty((min(chunk_size, hidden.shape[0]), weight.shape[0]),
+        buffer = hidden.new_empty((min(chunk_size, rows.numel()), weight.shape[0]),
                                   dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size]
-            t = target[start:start + chunk_size]
-            valid = t != IGNORE_INDEX
-            safe_t = torch.where(valid, t, 0).unsqueeze(1)
-            logits = _logits_into(buffer[:h.shape[0]], h, weight, bias)  # (C, V)
-            picked = logits.gather(1, safe_t).squeeze(1)
+        for start in range(0, rows.numel(), chunk_size):
+            idx = rows[start:start + chunk_size]
+            h = hidden.index_select(0, idx)
+            t = target.index_select(0, idx).unsqueeze(1)
+            logits = _logits_into(buffer[:idx.numel()], h, weight, bias)  # (C, V)
+            picked = logits.gather(1, t).squeeze(1)
             # logsumexp as torch computes it: max + log(sum(exp(logits - max)))
             top = logits.amax(1, keepdim=True)
             sums = logits.sub_(top).exp_().sum(1, keepdim=True)
-            lse = (sums.log() + top).squeeze(1)
-            row_loss[start:start + chunk_size] = torch.where(valid, lse - picked, 0)
+            row_loss[start:start + idx.numel()] = (sums.log() + top).squeeze(1) - picked
             if not (need_h or need_w or need_b):
                 continue
-            # d loss / d logits = (softmax - onehot(target)) / divisor, zero on ignored rows
+            # d loss / d logits = (softmax - onehot(target)) / divisor
             grad = logits.div_(sums)
-            grad.scatter_add_(1, safe_t, torch.full_like(picked, -1.0).unsqueeze(1))
-            grad.mul_((valid / divisor).unsqueeze(1))
+            grad.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad.dtype))
+            grad.mul_(divisor.reciprocal())
             g = grad.to(weight.dtype)
             if need_h:
-                grad_h[start:start + chunk_size] = g @ weight
+                grad_h.index_copy_(0, idx, (g @ weight).to(hidden.dtype))
             if need_w:
                 grad_w.addmm_(grad.t(), h.float())
             if need_b:
@@ -96,7 +99,7 @@ def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None,
                    num_items_in_batch: int | torch.Tensor | None = None,
-                   chunk_size: int = 128, **kwargs) -> torch.Tensor:
+                   chunk_size: int = CHUNK_SIZE, **kwargs) -> torch.Tensor:
     """The loss `model(input_ids, labels=labels, ...).loss` would give, without full logits.
 
     model: a transformers causal LM (or a PeftModel around one) whose logits are

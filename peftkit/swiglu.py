@@ -58,8 +58,13 @@ def _lean_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def lean_mlps(model: nn.Module) -> list[nn.Module]:
-    """The model's MLPs `lean_swiglu` reroutes: a class in `GATED_MLPS` with a SiLU `act_fn`."""
-    return [m for m in model.modules() if type(m).__name__ in GATED_MLPS
+    """The model's MLPs `lean_swiglu` reroutes: a class in `GATED_MLPS` with a SiLU `act_fn`.
+    None under gradient checkpointing: a checkpointed layer saves no MLP activation anyway, and
+    its recomputation in backward (outside `lean_swiglu`) must save what the first forward did."""
+    modules = list(model.modules())
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in modules):
+        return []
+    return [m for m in modules if type(m).__name__ in GATED_MLPS
             and isinstance(getattr(m, "act_fn", None), (SiLUActivation, nn.SiLU))
             and "forward" not in m.__dict__]
 

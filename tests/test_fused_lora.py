@@ -13,6 +13,7 @@ from peftkit import loss as loss_module
 from peftkit import models
 from peftkit.loss import causal_lm_loss
 from peftkit.methods import lora_fn
+from peftkit.swiglu import lean_swiglu
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -54,12 +55,17 @@ def trajectory(model, loss_fn, steps=20):
 @pytest.mark.parametrize("fused_loss", [False, True])
 def test_dropout0_trajectory_equals_peft(fused_loss):
     """20 AdamW steps from the same weights: every loss within 1e-4 relative of PEFT's (fp32
-    sums in another order differ by ~1e-7 relative per step; Adam can amplify that)."""
+    sums in another order differ by ~1e-7 relative per step; Adam can amplify that). Fused:
+    `peftkit train`'s step, the fused loss and the lean SwiGLU."""
     ref, ours = pair(models.tiny_llama(0))
     ids, labels = batch()
     expected = trajectory(ref.train(), lambda m: m(input_ids=ids, labels=labels).loss)
     if fused_loss:
-        got = trajectory(ours.train(), lambda m: causal_lm_loss(m, ids, labels, chunk_size=7))
+        def step(m):
+            with lean_swiglu(m):
+                return causal_lm_loss(m, ids, labels, chunk_size=7)
+
+        got = trajectory(ours.train(), step)
     else:
         got = trajectory(ours.train(), lambda m: m(input_ids=ids, labels=labels).loss)
     assert expected[0] - expected[-1] > 0.1  # it does train, far beyond the tolerance
@@ -223,6 +229,36 @@ def test_fused_loss_matches_transformers_with_trainable_head():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_scores_only_the_counted_tokens(monkeypatch):
+    """Logits are computed for the tokens that count and no other (a masked prompt costs
+    nothing); the loss and gradients are still transformers'. No counted token: 0, not nan."""
+    model = peftkit.get_peft_model(models.tiny_llama(0), peftkit.LoraConfig(
+        r=4, target_modules=QKVO, init_lora_weights=False))
+    ids, labels = batch(shape=(3, 9))
+    labels[:, :6] = -100  # 3 scored labels a row, predicted from positions 5-7
+    rows = []
+    real = loss_module._logits_into
+    monkeypatch.setattr(loss_module, "_logits_into",
+                        lambda out, h, *a: rows.append(h.shape[0]) or real(out, h, *a))
+    results = []
+    for fn in (lambda: model(input_ids=ids, labels=labels).loss,
+               lambda: causal_lm_loss(model, ids, labels, chunk_size=4)):
+        loss = fn()
+        loss.backward()
+        results.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        model.zero_grad()
+    assert rows == [4, 4, 1]  # 3 rows x 3 scored tokens, in chunks of 4
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    for got, expected in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    rows.clear()
+    loss = causal_lm_loss(model, ids, torch.full_like(labels, -100))
+    loss.backward()
+    assert loss.item() == 0 and rows == []
+    assert all(p.grad is not None and not p.grad.isnan().any()
+               for p in model.parameters() if p.requires_grad)
 
 
 def test_fused_loss_is_as_accurate_as_the_stock_loss():

@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+from peftkit.loss import causal_lm_loss
 from peftkit.planner import Settings, estimate, load_config, parse_size
 from peftkit.planner.activations import Arch, activations
 from peftkit.planner.params import LoraSite
 from peftkit.planner.quant import nf4_bytes, nf4_constant_bytes
+from peftkit.swiglu import lean_swiglu
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=3,
@@ -78,15 +80,16 @@ def _saved_bytes(model, ids):
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lora, dropout", [
     (None, 0.0), (QKVO, 0.0), ("all-linear", 0.0), (["q_proj", "down_proj", "lm_head"], 0.0),
     (QKVO, 0.1), ("all-linear", 0.1), (["o_proj"], 0.1), (["v_proj", "up_proj"], 0.1),
     (["lm_head"], 0.1)])
-def test_activation_formula_is_exact(dtype, lora, dropout):
+def test_activation_formula_is_exact(dtype, lora, dropout, lean):
     """The Llama-family count equals the bytes autograd saves (parameters excluded), with LoRA
-    dropout too (a bit-packed mask) and when the first layer's early
-    modules are frozen (they save nothing)."""
+    dropout too (a bit-packed mask), when the first layer's early modules are frozen (they save
+    nothing), and with the MLPs through `swiglu.SiluMul` (`lean`, as peftkit train runs them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from peftkit import LoraConfig, get_peft_model
@@ -100,24 +103,33 @@ def test_activation_formula_is_exact(dtype, lora, dropout):
         model = get_peft_model(model, LoraConfig(r=4, target_modules=lora, lora_dropout=dropout))
     model.train()
     b, s = 2, 32
-    measured = _saved_bytes(model, torch.randint(0, 256, (b, s)))
+    with lean_swiglu(model) if lean else contextlib.nullcontext():
+        measured = _saved_bytes(model, torch.randint(0, 256, (b, s)))
     sites = [LoraSite(p, m.in_features, 4, dropout, m.lora_A["default"].weight.dtype)
              for p, m in model.named_modules() if isinstance(m, LoraLinear)]
-    acts = activations(Arch.of(cfg), dtype.itemsize, b, s, lora is None, lora is None, sites)
+    acts = activations(Arch.of(cfg), dtype.itemsize, b, s, lora is None, lora is None, sites,
+                       lean_mlp=lean)
     loss_saved = b * s * (4 * cfg.vocab_size + 8) + 4  # fp32 log-probs, labels, a scalar
     assert acts.plain + loss_saved == measured
 
 
-def _peak_step_bytes(model, ids, path):
+def _peak_step_bytes(model, ids, path, peftkit_step: bool):
     """Peak of tensor bytes allocated during one training step (the second: AdamW's states
-    exist), above what was alive before it, from the profiler's CPU memory events."""
+    exist), above what was alive before it, from the profiler's CPU memory events.
+    `peftkit_step`: peftkit train's forward (fused loss; lean MLPs unless checkpointing)."""
     from torch.profiler import ProfilerActivity, profile
+
+    def loss():
+        if not peftkit_step:
+            return model(input_ids=ids, labels=ids).loss
+        with lean_swiglu(model):  # a no-op under checkpointing
+            return causal_lm_loss(model, ids, ids)
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
     for step in range(2):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
                      record_shapes=False) if step else contextlib.nullcontext() as prof:
-            model(input_ids=ids, labels=ids).loss.backward()
+            loss().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     prof.export_chrome_trace(str(path))
@@ -125,16 +137,22 @@ def _peak_step_bytes(model, ids, path):
     return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
-@pytest.mark.parametrize("method, dtype, checkpointing, options", [
-    ("lora", torch.float32, False, {"target_modules": "all-linear", "lora_dropout": 0.1}),
-    ("full", torch.bfloat16, False, {}),
-    ("lora", torch.float32, True, {"target_modules": QKVO}),
-    ("full", torch.float32, True, {})])
-def test_plan_total_is_the_peak_of_live_tensors(tmp_path, method, dtype, checkpointing, options):
+@pytest.mark.parametrize("method, dtype, checkpointing, options, peftkit_step", [
+    ("lora", torch.float32, False, {"target_modules": "all-linear", "lora_dropout": 0.1}, False),
+    ("full", torch.bfloat16, False, {}, False),
+    ("lora", torch.float32, True, {"target_modules": QKVO}, False),
+    ("full", torch.float32, True, {}, False),
+    ("lora", torch.float32, False, {"target_modules": "all-linear", "lora_dropout": 0.1}, True),
+    ("lora", torch.bfloat16, False, {"target_modules": QKVO}, True),
+    ("full", torch.bfloat16, False, {}, True),
+    ("lora", torch.float32, True, {"target_modules": QKVO}, True)])
+def test_plan_total_is_the_peak_of_live_tensors(tmp_path, method, dtype, checkpointing, options,
+                                                peftkit_step):
     """weights + optimizer states + the plan's larger moment = the allocator's peak, on a tiny
-    Llama (vocab 2048 so the loss matters). Tolerance 1%: the plan leaves out 16 KB here, the CPU
-    RNG state each checkpoint keeps (5056 bytes a layer) and the position ids; it counts the
-    labels (8 bytes a token) that the caller had allocated before the step."""
+    Llama (vocab 2048 so the loss matters), for transformers' stock step and for peftkit train's
+    (fused loss, lean MLPs). Tolerance 1%: the plan leaves out 16 KB here, the position ids and
+    the fused loss's per-chunk vectors; it counts the labels (8 bytes a token) that the caller
+    had allocated before the step."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from peftkit import LoraConfig, get_peft_model
@@ -153,9 +171,10 @@ def test_plan_total_is_the_peak_of_live_tensors(tmp_path, method, dtype, checkpo
     model.train()
     b, s = 2, 64
     measured = _peak_step_bytes(model, torch.randint(0, TINY["vocab_size"], (b, s)),
-                                tmp_path / "trace.json")
-    plan = estimate(str(cfg), method, options, Settings(batch_size=b, seq_len=s, dtype=dtype,
-                                                        checkpointing=checkpointing)).plan
+                                tmp_path / "trace.json", peftkit_step)
+    plan = estimate(str(cfg), method, options, Settings(
+        batch_size=b, seq_len=s, dtype=dtype, checkpointing=checkpointing,
+        fused_loss=peftkit_step, lean_mlp=peftkit_step)).plan
     assert abs(plan.total - plan.weight_bytes - plan.optimizer - measured) <= 0.01 * measured
 
 
@@ -218,7 +237,8 @@ def test_estimate_matches_measured_cpu_peak(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
     plan = estimate(str(cfg), "lora", {"r": 16, "target_modules": QKVO},
-                    Settings(batch_size=b, seq_len=s, dtype=torch.float32)).plan
+                    Settings(batch_size=b, seq_len=s, dtype=torch.float32, fused_loss=False,
+                             lean_mlp=False)).plan
     print(f"estimate {plan.total / 2**20:.1f} MiB, measured peak {measured / 2**20:.1f} MiB")
     assert plan.total <= measured <= plan.total + 0.06 * measured
 

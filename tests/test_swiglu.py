@@ -97,3 +97,16 @@ def test_other_activations_and_mlps_are_left_alone():
     """GPT-2's MLP and a gated MLP with GELU (Gemma's) keep their own forward."""
     assert swiglu.lean_mlps(tiny("gpt2")) == []
     assert swiglu.lean_mlps(tiny("gemma")) == []
+
+
+def test_nothing_rerouted_under_gradient_checkpointing():
+    """A checkpointed layer recomputes its forward in backward, outside `lean_swiglu`; rerouting
+    the first forward would make the two save different tensors (a CheckpointError)."""
+    model = tiny("llama")
+    ref_loss, ref_grads = step(model, lean=False)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    assert swiglu.lean_mlps(model) == []
+    loss, grads = step(model, lean=True)
+    assert torch.equal(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        assert torch.equal(grads[name], grad), name

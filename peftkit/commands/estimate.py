@@ -29,6 +29,8 @@ def register(subparsers) -> None:
                    help="dtype of the frozen weights and of compute")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-fused-loss", action="store_true",
+                   help="plan for `peftkit train --no-fused-loss` (the loss from full fp32 logits)")
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quant")
     p.add_argument("--gpu", help="GPU memory, e.g. 24GB or 80GiB: says whether the plan fits")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -70,6 +72,7 @@ def report(est, gpu: int | None) -> dict:
                      "dtype": str(est.settings.dtype).removeprefix("torch."),
                      "optimizer": est.settings.optimizer,
                      "gradient_checkpointing": est.settings.checkpointing,
+                     "fused_loss": est.settings.fused_loss,
                      "double_quant": est.settings.double_quant},
         "bytes": {"weights": plan.weights, "gradients": plan.gradients,
                   "optimizer_states": plan.optimizer,
@@ -103,7 +106,7 @@ def print_report(r: dict) -> None:
             ("activations", b["activations"]),
             ("  without ckpt", b["activations_without_checkpointing"]),
             ("  with ckpt", b["activations_with_checkpointing"]),
-            ("logits (loss)", b["logits"])]
+            ("loss", b["logits"])]
     if b["dequantized_weight"]:
         rows.append(("dequant buffer", b["dequantized_weight"]))
     for name, n in rows:
@@ -129,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings(batch_size=args.batch_size, seq_len=args.seq_len,
                             dtype=getattr(torch, DTYPES[args.dtype]), optimizer=args.optimizer,
                             checkpointing=args.gradient_checkpointing,
-                            double_quant=not args.no_double_quant)
+                            double_quant=not args.no_double_quant,
+                            fused_loss=not args.no_fused_loss)
         est = estimate(args.model, args.method, options_from(args), settings)
     except ValueError as err:
         print(f"peftkit estimate: error: {err}", file=sys.stderr)

@@ -13,7 +13,8 @@ I the MLP size, a the LoRA dtype's bytes:
     2 RMSNorms     2 * (4h + 4)                fp32 upcast of the input, and rsqrt
                    + 2 * e*h                    normalized input, if the norm weights train
     attention      e*(2*hq + 2*hkv) + 4*heads   q, k, v, output (= o_proj input), log-sum-exp
-    MLP            3 * e*I                      gate, silu(gate), up
+    MLP            3 * e*I                      gate, silu(gate), up; 2 * e*I (gate, up) through
+                                                peftkit train's `swiglu.SiluMul`
     linear inputs  e*h (q/k/v), e*h (gate/up), e*I (down), for each group whose weights train
     each LoRA      a*r (A's output) and, with dropout, the keep-mask packed as bits (in/8);
                    its input x itself is saved once for every user of x (peftkit's LoRA function,
@@ -31,7 +32,7 @@ Other architectures (GPT-2, ...) use Korthikanti's count without the score term:
 token and layer (34h at e = 2: 16-bit tensors plus 1-byte dropout masks), and e*h for the rest.
 
 With gradient checkpointing (one checkpoint per decoder layer, as transformers does) each layer
-keeps only its input, e*h per token, and backward recomputes one layer at a time: L*e*h + the
+keeps only its input, e*h per token (and the CPU RNG state, 5,056 bytes), and backward recomputes one layer at a time: L*e*h + the
 largest layer's count + the once-per-step terms.
 """
 
@@ -42,6 +43,7 @@ import dataclasses
 from .. import targets
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+CPU_RNG_STATE = 5056  # bytes of torch's CPU generator state, which each checkpoint keeps
 # The linear layers of a Llama-family decoder layer, grouped by the input they share.
 _ATTN_IN, _ATTN_OUT, _MLP_IN, _MLP_ACT = ("q_proj", "k_proj", "v_proj"), ("o_proj",), \
     ("gate_proj", "up_proj"), ("down_proj",)
@@ -89,12 +91,12 @@ def _branch_bytes(sites: list) -> tuple[int, bool]:
     return own, bool(sites)
 
 
-def _layer_bytes(arch: Arch, e: int, full: bool, sites: list,
-                 grad_in: bool) -> tuple[int, bool]:
+def _layer_bytes(arch: Arch, e: int, full: bool, sites: list, grad_in: bool,
+                 lean_mlp: bool) -> tuple[int, bool]:
     """(bytes per token one decoder layer saves, whether its output needs a grad), see the module
-    docstring. `sites`: its LoRA sites; `grad_in`: the layer's input needs a grad. An op saves for backward only
-    when one of its inputs needs a grad, so a layer saves nothing before its first trainable
-    tensor."""
+    docstring. `sites`: its LoRA sites; `grad_in`: the layer's input needs a grad; `lean_mlp`: the
+    MLP runs through `swiglu.SiluMul`. An op saves for backward only when one of its inputs needs
+    a grad, so a layer saves nothing before its first trainable tensor."""
     if not arch.exact:
         own, _ = _branch_bytes(sites)
         return (16 * e + 2) * arch.hidden + own, True
@@ -126,7 +128,10 @@ def _layer_bytes(arch: Arch, e: int, full: bool, sites: list,
     own, x = linears(_MLP_IN, h)
     total += own + x
     g_gate, g_up = g or trains(_MLP_IN[:1]), g or trains(_MLP_IN[1:])
-    total += e * inter * (2 * g_gate + g_up)  # silu saves gate; gate*up saves up and/or silu
+    if lean_mlp:  # SiluMul saves gate, and up when gate needs a grad
+        total += e * inter * ((g_gate or g_up) + g_gate)
+    else:  # silu saves gate; gate*up saves up and/or silu
+        total += e * inter * (2 * g_gate + g_up)
     own, x = linears(_MLP_ACT, inter)
     total += own + x
     known = _ATTN_IN + _ATTN_OUT + _MLP_IN + _MLP_ACT
@@ -153,11 +158,12 @@ class Activations:
 
 
 def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad: bool,
-                lora_sites: list) -> Activations:
+                lora_sites: list, lean_mlp: bool = False) -> Activations:
     """Activation bytes for `batch` sequences of `seq` tokens (module docstring).
 
     `full`: every base weight trains; `input_grad`: the embeddings' output needs a gradient (full
-    fine-tuning, prompt tuning); `lora_sites`: the model's LoRA-wrapped layers (`LoraSite`).
+    fine-tuning, prompt tuning); `lora_sites`: the model's LoRA-wrapped layers (`LoraSite`);
+    `lean_mlp`: the MLPs run through `swiglu.SiluMul` (peftkit train without checkpointing).
     """
     tokens = batch * seq
     by_layer: dict[int | None, list] = {}
@@ -168,7 +174,7 @@ def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad
         sites = by_layer.get(i, [])
         rotary = rotary or grad or full or any(
             s.path.rsplit(".", 1)[-1] in _ATTN_IN[:2] for s in sites)
-        saved, grad = _layer_bytes(arch, e, full, sites, grad)
+        saved, grad = _layer_bytes(arch, e, full, sites, grad, lean_mlp)
         per_layer.append(saved)
     h = arch.hidden
     if arch.exact:  # final norm, embedding indices, rotary cos/sin
@@ -182,5 +188,5 @@ def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad
         layers=tokens * sum(per_layer),
         largest_layer=tokens * max(per_layer),
         fixed=fixed,
-        checkpoints=tokens * arch.layers * e * h,
+        checkpoints=arch.layers * (tokens * e * h + CPU_RNG_STATE),
     )

@@ -7,13 +7,20 @@
   bitsandbytes' 8-bit AdamW keeps two uint8 states with one fp32 absmax per 256 values, and
   32-bit states for tensors under 4096 values (its `min_8bit_size`).
 - activations: `activations` (Korthikanti et al., 2022), with or without checkpointing.
-- logits: transformers' causal-LM loss upcasts the logits to fp32; at the start of backward the
-  fp32 log-probabilities (saved by log_softmax), their gradient and the logits' gradient are alive:
-  12 * vocab bytes per token, plus the int64 labels.
-- total: weights + optimizer + the larger of two moments of backward (the profiler on CPU puts
+- logits (`loss_bytes`): transformers' causal-LM loss upcasts the logits to fp32; at the start
+  of backward the fp32 log-probabilities (saved by log_softmax), their gradient and the logits'
+  gradient are alive: 12 * vocab bytes per token, plus the int64 labels. `peftkit train`'s fused
+  loss (`peftkit.loss`, where `fusable`) instead holds, at the end of the forward pass, the final
+  hidden states and their gradient (2*e*h per token), the labels and their shifted copy (16 bytes
+  per token), the scored rows' indices and losses (12 bytes each), one (chunk, vocab) fp32 buffer (+ the chunk's
+  logits, or their gradient, in a 16-bit compute dtype) and the chunk's hidden rows and their
+  gradient; with a trainable head also its fp32 gradient. (Every token is taken as scored: masked
+  prompt tokens cost less.)
+- total: weights + optimizer + the larger of two moments of the step (the profiler on CPU puts
   the peak in the first for every case of `tests/test_planner.py`):
-  - its start, in LogSoftmaxBackward: all activations (under checkpointing: the layers' inputs
-    and the once-per-step tensors, no layer's internals yet) + logits;
+  - the loss: all activations (under checkpointing: the layers' inputs and the once-per-step
+    tensors, no layer's internals yet) + logits (stock: at the start of backward, in
+    LogSoftmaxBackward; fused: at the end of the forward pass);
   - a layer's backward: the once-per-step tensors, that layer's (recomputed) activations, the
     layers' inputs under checkpointing, all gradients (a bound: they are complete only at the
     end), and QLoRA's dequantized weight.
@@ -27,6 +34,7 @@ import dataclasses
 
 import torch
 
+from ..loss import CHUNK_SIZE, FUSABLE_MODEL_TYPES
 from . import quant
 from .activations import Activations, Arch, activations
 
@@ -41,6 +49,9 @@ class Settings:
     optimizer: str = "adamw"
     checkpointing: bool = False
     double_quant: bool = True
+    # peftkit train's training step (False: transformers' own forward and loss, as PEFT uses):
+    fused_loss: bool = True  # the fused chunked loss where `loss.fusable` (--no-fused-loss)
+    lean_mlp: bool = True  # gated SiLU MLPs through swiglu.SiluMul (never under checkpointing)
 
 
 @dataclasses.dataclass
@@ -109,7 +120,27 @@ def memory_plan(census, model_config, settings: Settings, method_full: bool) -> 
     seq = settings.seq_len + virtual
     tokens = settings.batch_size * seq
     arch = Arch.of(model_config)
+    lean = (settings.lean_mlp and not settings.checkpointing
+            and getattr(model_config, "hidden_act", None) == "silu")
     acts = activations(arch, e, settings.batch_size, seq, full=method_full,
-                       input_grad=method_full or virtual > 0, lora_sites=census.lora)
-    logits = tokens * (12 * arch.vocab + 8)
+                       input_grad=method_full or virtual > 0, lora_sites=census.lora,
+                       lean_mlp=lean)
+    head_adapted = any(site.path.rsplit(".", 1)[-1] == "lm_head" for site in census.lora)
+    fused = (settings.fused_loss and arch.model_type in FUSABLE_MODEL_TYPES and not virtual
+             and not head_adapted)
+    head_trains = any(t.trainable and "lm_head" in t.name.split(".") for t in census.tensors)
+    logits = loss_bytes(arch, e, settings.batch_size, seq, fused, head_trains or (
+        method_full and getattr(model_config, "tie_word_embeddings", False)))
     return Plan(weights, grads, opt, acts, settings.checkpointing, logits, dequant, tokens)
+
+
+def loss_bytes(arch: Arch, e: int, batch: int, seq: int, fused: bool, head_trains: bool) -> int:
+    """Bytes the loss holds at its peak besides the activations (module docstring)."""
+    tokens = batch * seq
+    if not fused:
+        return tokens * (12 * arch.vocab + 8)
+    scored = batch * (seq - 1)  # the last token of a sequence has no next token to predict
+    chunk = min(scored, CHUNK_SIZE)  # the buffer, and the chunk's hidden rows and gradient
+    buffer = chunk * (arch.vocab * (4 + (e if e != 4 else 0)) + 2 * e * arch.hidden)
+    head_grad = 4 * arch.vocab * arch.hidden if head_trains else 0
+    return tokens * (2 * e * arch.hidden + 16) + scored * 12 + buffer + head_grad

@@ -17,8 +17,7 @@ keep the stock loss from full logits.
 
 Every training step's forward also runs the model's gated SiLU MLPs through `swiglu.SiluMul`
 (bitwise the stock values and gradients, one (N, I) activation fewer saved per layer), except
-under gradient checkpointing, whose recomputation must save what the first forward saved, and
-`torch_compile`.
+under gradient checkpointing (`swiglu.lean_mlps`) and `torch_compile`.
 """
 
 from __future__ import annotations
@@ -52,13 +51,8 @@ class AdapterTrainer(Trainer):
                 return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
     def _lean_mlps(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        module = self.accelerator.unwrap_model(model)
-        checkpointing = getattr(module, "is_activation_checkpointing", None)  # transformers >= 5
-        if checkpointing is None:
-            checkpointing = getattr(module, "is_gradient_checkpointing", False)
-        if (model.training and torch.is_grad_enabled() and not self.args.torch_compile
-                and not checkpointing):
-            return lean_swiglu(module)
+        if model.training and torch.is_grad_enabled() and not self.args.torch_compile:
+            return lean_swiglu(self.accelerator.unwrap_model(model))
         return contextlib.nullcontext()
 
     def _fuses(self, model: nn.Module, inputs: dict) -> bool:
