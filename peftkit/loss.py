@@ -7,7 +7,7 @@ gradient: for SmolLM2 at 8 x 256 tokens and V = 49,152 that is about 1.2 GB. `ca
 computes the same loss as transformers' `ForCausalLMLoss` (labels shifted left, -100 ignored,
 mean over the counted tokens, or sum / `num_items_in_batch`; a batch with no counted token
 gives 0, not nan) from the decoder's hidden states, `chunk_size` tokens at a time. Each chunk's
-logits, softmax and gradient are formed in one reused (chunk_size, V) fp32 buffer during the
+logits, log-softmax and gradient are formed in one reused (chunk_size, V) fp32 buffer during the
 forward pass, so that buffer is all the logits memory there is, and backward only scales the
 stored gradients. `model(...).logits` and `.loss` are untouched; `peftkit train` uses this loss
 for its training steps when `fusable(model)` (see `peftkit/train/trainer.py`).
@@ -46,7 +46,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         rows = (target != IGNORE_INDEX).nonzero().squeeze(1)  # ignored rows need no logits
         row_loss = hidden.new_empty(rows.numel(), dtype=torch.float32)  # summed once, at the end
-        # One (chunk, V) fp32 buffer for every chunk; the softmax and its gradient are formed in it
+        # One (chunk, V) fp32 buffer for every chunk; the log-softmax and gradient are formed in it
         buffer = hidden.new_empty((min(chunk_size, rows.numel()), weight.shape[0]),
                                   dtype=torch.float32)
         for start in range(0, rows.numel(), chunk_size):
@@ -54,15 +54,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             h = hidden.index_select(0, idx)
             t = target.index_select(0, idx).unsqueeze(1)
             logits = _logits_into(buffer[:idx.numel()], h, weight, bias)  # (C, V)
-            picked = logits.gather(1, t).squeeze(1)
-            # logsumexp as torch computes it: max + log(sum(exp(logits - max)))
-            top = logits.amax(1, keepdim=True)
-            sums = logits.sub_(top).exp_().sum(1, keepdim=True)
-            row_loss[start:start + idx.numel()] = (sums.log() + top).squeeze(1) - picked
+            # log_softmax in place: the values cross_entropy computes, without a second buffer
+            log_probs = torch._log_softmax(logits, 1, False, out=logits)
+            row_loss[start:start + idx.numel()] = log_probs.gather(1, t).squeeze(1).neg_()
             if not (need_h or need_w or need_b):
                 continue
             # d loss / d logits = (softmax - onehot(target)) / divisor
-            grad = logits.div_(sums)
+            grad = log_probs.exp_()
             grad.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad.dtype))
             grad.mul_(divisor.reciprocal())
             g = grad.to(weight.dtype)
