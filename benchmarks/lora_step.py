@@ -45,7 +45,8 @@ CASES = {
     "target": ("smollm2", "float32", QKVO, 0.05, 8, 256, VARIANTS),
     "dropout0": ("smollm2", "float32", QKVO, 0.0, 8, 256, VARIANTS),
     "all-linear": ("smollm2", "float32", "all-linear", 0.05, 4, 256, VARIANTS),
-    # bf16 matmuls on a CPU without AVX512-BF16 run ~20x slower than fp32: a smaller batch
+    # bf16 on a CPU without AVX512-BF16 is slow: at 4x256, PEFT had not finished 4 steps after 13
+    # minutes (fp32: about 9 s a step), so a smaller batch
     "bf16": ("smollm2", "bfloat16", QKVO, 0.05, 1, 128, VARIANTS),
     "qlora": ("smollm2-nf4", "float32", QKVO, 0.05, 4, 128, VARIANTS),
     "tiny": ("tiny-llama", "float32", QKVO, 0.05, 2, 16, VARIANTS),  # a smoke test
@@ -246,9 +247,8 @@ def main() -> None:
 
 def write(args, plan: list[tuple[str, int]], results: list[dict], seconds: float) -> None:
     command = "python " + " ".join(["benchmarks/lora_step.py"] + sys.argv[1:])
-    counts = {n for _, n in plan}
-    repeats = (f"{counts.pop()} fresh process" if len(counts) == 1 else
-               "Fresh processes (" + ", ".join(f"{c}: {n}" for c, n in plan) + ")")
+    other = ", ".join(f"{case}: {n}" for case, n in plan if n != args.repeats)
+    repeats = f"{args.repeats} fresh process" + (f" ({other})" if other else "")
     with open(args.write, "w") as f:
         f.write(HEADER.format(command=command, machine=machine(), device=args.device,
                               steps=args.steps, warmup=args.warmup, repeats=repeats,
