@@ -49,6 +49,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # One (chunk, V) fp32 buffer for every chunk; the log-softmax and gradient are formed in it
         buffer = hidden.new_empty((min(chunk_size, rows.numel()), weight.shape[0]),
                                   dtype=torch.float32)
+        scale = divisor.reciprocal()
         for start in range(0, rows.numel(), chunk_size):
             idx = rows[start:start + chunk_size]
             h = hidden.index_select(0, idx)
@@ -62,7 +63,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             # d loss / d logits = (softmax - onehot(target)) / divisor
             grad = log_probs.exp_()
             grad.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad.dtype))
-            grad.mul_(divisor.reciprocal())
+            grad.mul_(scale)
             g = grad.to(weight.dtype)
             if need_h:
                 grad_h.index_copy_(0, idx, (g @ weight).to(hidden.dtype))
@@ -87,7 +88,8 @@ def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """out[:] = h @ weight^T + bias, computed in the weight's dtype (or autocast's); out: (C, V)
     fp32."""
-    if h.dtype != out.dtype or weight.dtype != out.dtype or torch.is_autocast_enabled(h.device.type):
+    if (h.dtype != out.dtype or weight.dtype != out.dtype
+            or torch.is_autocast_enabled(h.device.type)):
         return out.copy_(nn.functional.linear(h, weight, bias))
     if bias is None:
         return torch.mm(h, weight.t(), out=out)

@@ -32,8 +32,8 @@ Other architectures (GPT-2, ...) use Korthikanti's count without the score term:
 token and layer (34h at e = 2: 16-bit tensors plus 1-byte dropout masks), and e*h for the rest.
 
 With gradient checkpointing (one checkpoint per decoder layer, as transformers does) each layer
-keeps only its input, e*h per token (and the CPU RNG state, 5,056 bytes), and backward recomputes one layer at a time: L*e*h + the
-largest layer's count + the once-per-step terms.
+keeps only its input, e*h per token (and the CPU RNG state, 5,056 bytes), and backward
+recomputes one layer at a time: L*e*h + the largest layer's count + the once-per-step terms.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@
   gradient are alive: 12 * vocab bytes per token, plus the int64 labels. `peftkit train`'s fused
   loss (`peftkit.loss`, where `fusable`) instead holds, at the end of the forward pass, the final
   hidden states and their gradient (2*e*h per token), the labels and their shifted copy (16 bytes
-  per token), the scored rows' indices and losses (12 bytes each), one (chunk, vocab) fp32 buffer (+ the chunk's
-  logits, or their gradient, in a 16-bit compute dtype) and the chunk's hidden rows and their
-  gradient; with a trainable head also its fp32 gradient. (Every token is taken as scored: masked
-  prompt tokens cost less.)
+  per token), the scored rows' indices and losses (12 bytes each), one (chunk, vocab) fp32
+  buffer (+ the chunk's logits, or their gradient, in a 16-bit compute dtype) and the chunk's
+  hidden rows and their gradient; with a trainable head also its fp32 gradient. (Every token is
+  taken as scored: masked prompt tokens cost less.)
 - total: weights + optimizer + the larger of two moments of the step (the profiler on CPU puts
   the peak in the first for every case of `tests/test_planner.py`):
   - the loss: all activations (under checkpointing: the layers' inputs and the once-per-step

@@ -44,25 +44,23 @@ class AdapterTrainer(Trainer):
         self.fused_loss = fused_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self._lean_mlps(model):
-            if return_outputs or not self._fuses(model, inputs):
+        module = self.accelerator.unwrap_model(model)
+        lean = model.training and torch.is_grad_enabled() and not self.args.torch_compile
+        with lean_swiglu(module) if lean else contextlib.nullcontext():
+            if return_outputs or not self._fuses(model, module, inputs):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            with _loss_as_forward(self.accelerator.unwrap_model(model), self.accelerator.autocast):
+            with _loss_as_forward(module, self.accelerator.autocast):
                 return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
-    def _lean_mlps(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        if model.training and torch.is_grad_enabled() and not self.args.torch_compile:
-            return lean_swiglu(self.accelerator.unwrap_model(model))
-        return contextlib.nullcontext()
-
-    def _fuses(self, model: nn.Module, inputs: dict) -> bool:
+    def _fuses(self, model: nn.Module, module: nn.Module, inputs: dict) -> bool:
+        """`module`: the model unwrapped from DDP / accelerate."""
         parallel = getattr(self.accelerator, "parallelism_config", None)
         return (self.fused_loss and model.training and torch.is_grad_enabled()
                 and "labels" in inputs and set(inputs) <= FUSED_INPUTS
                 and self.label_smoother is None and self.compute_loss_func is None
                 and not self.args.torch_compile
                 and not (parallel is not None and (parallel.sp_enabled or parallel.cp_enabled))
-                and fusable(self.accelerator.unwrap_model(model)))
+                and fusable(module))
 
     def _peft_model(self) -> PeftModel | None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
