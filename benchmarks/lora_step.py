@@ -16,8 +16,9 @@ Each process loads the model, injects the same LoRA config with the same seed, a
 
 Variants: `peft` computes `model(input_ids, labels=...).loss`; `peftkit` is what `peftkit train`
 does: peftkit's LoRA layers, `peftkit.loss.causal_lm_loss` (output head and cross-entropy fused
-and chunked; same loss value, no full logits) and `peftkit.swiglu.lean_swiglu` (the MLPs save
-two activations instead of three; bitwise the same values); `peftkit-lora-only` runs peftkit's
+and chunked; same loss value, no full logits), `peftkit.swiglu.lean_swiglu` (the MLPs save
+two activations instead of three; bitwise the same values) and `peftkit.frozen_linear` (frozen
+fp32 linears on CPU through oneDNN's matmul); `peftkit-lora-only` runs peftkit's
 LoRA layers with transformers' own forward and `model(input_ids, labels=...).loss`, to show what
 the LoRA layers alone account for.
 
@@ -121,11 +122,12 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).to(device)
 
     if variant == "peftkit":
+        from peftkit.frozen_linear import frozen_linears
         from peftkit.loss import causal_lm_loss
         from peftkit.swiglu import lean_swiglu
 
         def loss_fn():
-            with lean_swiglu(model):
+            with lean_swiglu(model), frozen_linears(model):
                 return causal_lm_loss(model, ids, ids)
     else:
         loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731

@@ -57,14 +57,18 @@ def _lean_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(SiluMul.apply(g, u))
 
 
+def checkpointing(model: nn.Module) -> bool:
+    """Whether a submodule of `model` has transformers' gradient checkpointing on."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def lean_mlps(model: nn.Module) -> list[nn.Module]:
     """The model's MLPs `lean_swiglu` reroutes: a class in `GATED_MLPS` with a SiLU `act_fn`.
     None under gradient checkpointing: a checkpointed layer saves no MLP activation anyway, and
     its recomputation in backward (outside `lean_swiglu`) must save what the first forward did."""
-    modules = list(model.modules())
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in modules):
+    if checkpointing(model):
         return []
-    return [m for m in modules if type(m).__name__ in GATED_MLPS
+    return [m for m in model.modules() if type(m).__name__ in GATED_MLPS
             and isinstance(getattr(m, "act_fn", None), (SiLUActivation, nn.SiLU))
             and "forward" not in m.__dict__]
 

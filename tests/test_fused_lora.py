@@ -11,6 +11,7 @@ from torch import nn
 import peftkit
 from peftkit import loss as loss_module
 from peftkit import models
+from peftkit.frozen_linear import frozen_linears
 from peftkit.loss import causal_lm_loss
 from peftkit.methods import lora_fn
 from peftkit.swiglu import lean_swiglu
@@ -56,13 +57,13 @@ def trajectory(model, loss_fn, steps=20):
 def test_dropout0_trajectory_equals_peft(fused_loss):
     """20 AdamW steps from the same weights: every loss within 1e-4 relative of PEFT's (fp32
     sums in another order differ by ~1e-7 relative per step; Adam can amplify that). Fused:
-    `peftkit train`'s step, the fused loss and the lean SwiGLU."""
+    `peftkit train`'s step: the fused loss, the lean SwiGLU, the frozen linears through oneDNN."""
     ref, ours = pair(models.tiny_llama(0))
     ids, labels = batch()
     expected = trajectory(ref.train(), lambda m: m(input_ids=ids, labels=labels).loss)
     if fused_loss:
         def step(m):
-            with lean_swiglu(m):
+            with lean_swiglu(m), frozen_linears(m):
                 return causal_lm_loss(m, ids, labels, chunk_size=7)
 
         got = trajectory(ours.train(), step)

@@ -216,21 +216,24 @@ def test_fused_loss_equals_stock_loss(method, fused, model_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("extra, lean", [([], True), (["--gradient-checkpointing"], False)])
-def test_training_steps_use_the_lean_swiglu(extra, lean, model_dir, data, tmp_path, capsys,
-                                            monkeypatch):
-    """Training forwards route the MLPs through SiluMul; evaluation does not, and neither does
-    gradient checkpointing (its recomputation must save what the first forward saved: SiluMul
-    there would fail the backward with a CheckpointError)."""
-    from peftkit import swiglu
+def test_training_steps_use_the_lean_swiglu_and_frozen_linears(extra, lean, model_dir, data,
+                                                              tmp_path, capsys, monkeypatch):
+    """Training forwards route the MLPs through SiluMul and the frozen linears through oneDNN;
+    evaluation does not, and neither does gradient checkpointing (its recomputation must save
+    what the first forward saved: either there would fail the backward with a CheckpointError)."""
+    from peftkit import frozen_linear, swiglu
 
-    calls = []
-    real = swiglu.SiluMul.apply
-    monkeypatch.setattr(swiglu.SiluMul, "apply",
-                        lambda *a: calls.append(torch.is_grad_enabled()) or real(*a))
+    calls = {swiglu.SiluMul: [], frozen_linear.FrozenLinear: []}
+    for fn, log in calls.items():
+        monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply, log=log:
+                            log.append(torch.is_grad_enabled()) or real(*a))
     rc, _, err = run(capsys, *train_args(model_dir, data, str(tmp_path / "o"), "--max-steps", 2,
                                          "--eval-split", 0.25, *extra))
     assert rc == 0, err
-    assert calls == ([True] * 2 * 2 if lean else [])  # 2 steps x 2 layers, none in evaluation
+    silu, linear = calls.values()
+    assert silu == ([True] * 2 * 2 if lean else [])  # 2 steps x 2 layers, none in evaluation
+    # 2 steps x 2 layers x 7 projections (q, k, v, o base layers, gate, up, down)
+    assert linear == ([True] * 2 * 2 * 7 if lean and frozen_linear.ONEDNN else [])
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -16,8 +16,9 @@ autocast. Evaluation, label smoothing, a `compute_loss_func` and sequence or con
 keep the stock loss from full logits.
 
 Every training step's forward also runs the model's gated SiLU MLPs through `swiglu.SiluMul`
-(bitwise the stock values and gradients, one (N, I) activation fewer saved per layer), except
-under gradient checkpointing (`swiglu.lean_mlps`) and `torch_compile`.
+(bitwise the stock values and gradients, one (N, I) activation fewer saved per layer) and its
+frozen fp32 CPU linears through oneDNN (`frozen_linear.FrozenLinear`), except under gradient
+checkpointing and `torch_compile`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..frozen_linear import frozen_linears
 from ..loss import causal_lm_loss, fusable
 from ..model import PeftModel
 from ..swiglu import lean_swiglu
@@ -46,7 +48,10 @@ class AdapterTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         module = self.accelerator.unwrap_model(model)
         lean = model.training and torch.is_grad_enabled() and not self.args.torch_compile
-        with lean_swiglu(module) if lean else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if lean:
+                stack.enter_context(lean_swiglu(module))
+                stack.enter_context(frozen_linears(module))
             if return_outputs or not self._fuses(model, module, inputs):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             with _loss_as_forward(module, self.accelerator.autocast):

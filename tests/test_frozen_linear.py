@@ -1,0 +1,106 @@
+"""`frozen_linears` computes what the stock frozen linears compute, as accurately, and saves the
+same for backward."""
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import peftkit
+from peftkit import frozen_linear, models
+
+pytestmark = pytest.mark.skipif(not frozen_linear.ONEDNN, reason="oneDNN linear (x86) only")
+
+
+def error_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """u * sqrt(k) * max |x| @ |W|^T: the probabilistic rounding-error bound of a length-k fp32
+    dot product (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., sec. 3.5)."""
+    k = x.shape[-1]
+    return 2.0**-24 * k**0.5 * (x.abs().double() @ weight.abs().double().t()).max()
+
+
+@pytest.mark.parametrize("n_in, n_out, bias, transposed", [
+    (576, 1536, False, False), (1536, 576, True, False), (64, 48, False, True)])
+def test_values_and_input_gradient_within_the_fp32_bound(n_in, n_out, bias, transposed):
+    """Against float64, FrozenLinear's output and input gradient are within the same rounding
+    bound as torch's own F.linear (MKL), for contiguous and transposed inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_in, 300, generator=g).t() if transposed else torch.randn(300, n_in, generator=g)
+    weight = torch.randn(n_out, n_in, generator=g)
+    b = torch.randn(n_out, generator=g) if bias else None
+    grad = torch.randn(300, n_out, generator=g)
+    x64 = x.double().requires_grad_()
+    ref = F.linear(x64, weight.double(), None if b is None else b.double())
+    ref.backward(grad.double())
+    for fn in (F.linear, frozen_linear.FrozenLinear.apply):
+        xg = x.clone().requires_grad_()
+        y = fn(xg, weight, b)
+        y.backward(grad)
+        assert (y - ref).abs().max() <= error_bound(x, weight)
+        assert (xg.grad - x64.grad).abs().max() <= error_bound(grad, weight.t())
+
+
+def lora_model():
+    model = peftkit.get_peft_model(models.tiny_llama(0), peftkit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    return model.train()
+
+
+def test_reroutes_frozen_fp32_linears_only_while_active():
+    """Base layers and MLP projections are rerouted; trainable LoRA A/B and the trained copy of
+    lm_head are not; all is restored on exit, also after an error; nothing under checkpointing."""
+    model = lora_model()
+    rerouted = {n for n, m in model.named_modules() if m in frozen_linear.frozen_fp32_linears(model)}
+    assert rerouted and all(n.endswith(("base_layer", "k_proj", "o_proj", "gate_proj", "up_proj",
+                                        "down_proj", "original_module")) for n in rerouted)
+    assert not any("lora_" in n or "modules_to_save" in n for n in rerouted)
+    with pytest.raises(RuntimeError, match="boom"):
+        with frozen_linear.frozen_linears(model):
+            assert all("forward" in m.__dict__ for n, m in model.named_modules() if n in rerouted)
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    model.base_model.model.gradient_checkpointing_enable()
+    assert frozen_linear.frozen_fp32_linears(model) == []
+
+
+def test_lora_step_equals_stock_within_rounding():
+    """A LoRA training step: same loss, LoRA gradients within fp32 rounding (the matmuls' sums
+    in another order), and the same tensors saved for backward."""
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for rerouted in (False, True):
+        model = lora_model()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t,
+                                                      lambda t: t):
+            with frozen_linear.frozen_linears(model) if rerouted else contextlib.nullcontext():
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, grads, sorted(saved)))
+    (loss, grads, saved), (ref_loss, ref_grads, ref_saved) = results
+    assert saved == ref_saved
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_autocast_and_other_dtypes_keep_the_stock_op():
+    """Under CPU autocast the linear runs in bf16 as torch's would; a bf16 model is not
+    rerouted at all."""
+    model = lora_model()
+    x = torch.randn(2, 5, 16)
+    mlp = model.base_model.model.model.layers[0].mlp
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = mlp.gate_proj(x)
+        with frozen_linear.frozen_linears(model):
+            got = mlp.gate_proj(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+    assert frozen_linear.frozen_fp32_linears(model.to(torch.bfloat16)) == []
+
+
+def test_module_without_frozen_linears_is_left_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert frozen_linear.frozen_fp32_linears(model) == []
