@@ -13,7 +13,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from peftkit.frozen_linear import ONEDNN, FrozenLinear
+from peftkit.frozen_linear import FrozenLinear, onednn_available
 
 # (in, out): q/o, k/v, gate/up, down projections of SmolLM2-135M
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    if not ONEDNN:
+    if not onednn_available():
         raise SystemExit("oneDNN's linear is not available here (x86 CPU with torch's mkldnn)")
     variants = {"F.linear (MKL)": lambda x, w: F.linear(x, w),
                 "FrozenLinear (oneDNN)": lambda x, w: FrozenLinear.apply(x, w, None)}

@@ -7,8 +7,9 @@ SmolLM2 step, docs/benchmarks.md); PEFT and peftkit run the same ones. torch com
 `mm` with MKL's sgemm; oneDNN's fp32 matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel
 Inductor emits for CPU linears) is another fp32 GEMM (other blocking, so other rounding: errors
 against float64 of the same order as MKL's, tests/test_frozen_linear.py) and runs SmolLM2's
-shapes faster on x86 AVX2 cores (`python benchmarks/frozen_linear.py`). Autograd's linear with a
-frozen W saves W alone; `FrozenLinear` saves the same.
+shapes faster on x86 AVX2 cores: 0.92-0.98x alone (`python benchmarks/frozen_linear.py`), a
+whole SmolLM2 training step 2-11% faster (docs/benchmarks.md). Autograd's linear with a frozen W
+saves W alone; `FrozenLinear` saves the same.
 
 `frozen_linears(model)` routes the model's frozen fp32 `nn.Linear` modules on CPU through it while
 active; `peftkit train` enters it for its training steps (see `peftkit/train/trainer.py`).
@@ -17,6 +18,7 @@ active; `peftkit train` enters it for its training steps (see `peftkit/train/tra
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 from typing import Iterator
 
@@ -27,9 +29,20 @@ from torch.nn import functional as F
 
 from .swiglu import checkpointing
 
-# measured on x86 only (AVX2); elsewhere (Arm's oneDNN backend) torch's own matmul
-ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-          and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+@functools.cache
+def onednn_available() -> bool:
+    """x86 (where it was measured; Arm's oneDNN backend is another matter) and a torch whose
+    private `_linear_pointwise` op exists and still computes a linear; else torch's own path."""
+    if (platform.machine().lower() not in ("x86_64", "amd64")
+            or not torch.backends.mkldnn.is_available()):
+        return False
+    x, weight = torch.arange(15.0).view(3, 5), torch.arange(-10.0, 10.0).view(4, 5)
+    bias = torch.ones(4)
+    try:
+        return torch.allclose(onednn_linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -63,7 +76,7 @@ def frozen_fp32_linears(model: nn.Module) -> list[nn.Linear]:
     """The modules `frozen_linears` reroutes: plain `nn.Linear` with an fp32 CPU weight, weight
     and bias frozen. None without oneDNN, off x86, or under gradient checkpointing (a recomputed
     layer must save what its first forward saved, and the stock op saves W^T)."""
-    if not ONEDNN or checkpointing(model):
+    if checkpointing(model) or not onednn_available():
         return []
     return [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__
             and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32

@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import lora_step  # noqa: E402
+import step_variants  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", lora_step.VARIANTS)
@@ -21,3 +22,10 @@ def test_table_has_ratios():
             for v, s, m in (("peft", 2.0, 100.0), ("peftkit", 1.0, 50.0))]
     text = lora_step.table(rows)
     assert "| peftkit | 1.00 |" in text and "0.50x | 0.50x | 0.50x |" in text
+
+
+def test_step_variants_times_every_variant(capsys):
+    step_variants.main(["--model", "tiny-llama", "--seq", "16", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == list(step_variants.VARIANTS)
+    assert all(float(line.split()[1]) > 0 for line in lines[1:])

@@ -11,7 +11,8 @@ from torch.nn import functional as F
 import peftkit
 from peftkit import frozen_linear, models
 
-pytestmark = pytest.mark.skipif(not frozen_linear.ONEDNN, reason="oneDNN linear (x86) only")
+pytestmark = pytest.mark.skipif(not frozen_linear.onednn_available(),
+                                reason="oneDNN's linear: x86 only")
 
 
 def error_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,8 @@ def test_values_and_input_gradient_within_the_fp32_bound(n_in, n_out, bias, tran
     """Against float64, FrozenLinear's output and input gradient are within the same rounding
     bound as torch's own F.linear (MKL), for contiguous and transposed inputs."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n_in, 300, generator=g).t() if transposed else torch.randn(300, n_in, generator=g)
+    x = torch.randn(n_in, 300, generator=g)
+    x = x.t() if transposed else x.reshape(300, n_in)
     weight = torch.randn(n_out, n_in, generator=g)
     b = torch.randn(n_out, generator=g) if bias else None
     grad = torch.randn(300, n_out, generator=g)
@@ -52,7 +54,8 @@ def test_reroutes_frozen_fp32_linears_only_while_active():
     """Base layers and MLP projections are rerouted; trainable LoRA A/B and the trained copy of
     lm_head are not; all is restored on exit, also after an error; nothing under checkpointing."""
     model = lora_model()
-    rerouted = {n for n, m in model.named_modules() if m in frozen_linear.frozen_fp32_linears(model)}
+    linears = frozen_linear.frozen_fp32_linears(model)
+    rerouted = {n for n, m in model.named_modules() if m in linears}
     assert rerouted and all(n.endswith(("base_layer", "k_proj", "o_proj", "gate_proj", "up_proj",
                                         "down_proj", "original_module")) for n in rerouted)
     assert not any("lora_" in n or "modules_to_save" in n for n in rerouted)

@@ -233,7 +233,7 @@ def test_training_steps_use_the_lean_swiglu_and_frozen_linears(extra, lean, mode
     silu, linear = calls.values()
     assert silu == ([True] * 2 * 2 if lean else [])  # 2 steps x 2 layers, none in evaluation
     # 2 steps x 2 layers x 7 projections (q, k, v, o base layers, gate, up, down)
-    assert linear == ([True] * 2 * 2 * 7 if lean and frozen_linear.ONEDNN else [])
+    assert linear == ([True] * 2 * 2 * 7 if lean and frozen_linear.onednn_available() else [])
 
 
 @pytest.mark.parametrize("extra, message", [
