@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
-from typing import Iterator
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .swiglu import checkpointing
+from .reroute import checkpointing, rerouted
 
 
 @functools.cache
@@ -74,8 +73,8 @@ def _frozen_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def frozen_fp32_linears(model: nn.Module) -> list[nn.Linear]:
     """The modules `frozen_linears` reroutes: plain `nn.Linear` with an fp32 CPU weight, weight
-    and bias frozen. None without oneDNN, off x86, or under gradient checkpointing (a recomputed
-    layer must save what its first forward saved, and the stock op saves W^T)."""
+    and bias frozen. None without oneDNN, off x86, or under gradient checkpointing (the stock op
+    saves W^T, `FrozenLinear` W: see `reroute.checkpointing`)."""
     if checkpointing(model) or not onednn_available():
         return []
     return [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__
@@ -83,14 +82,6 @@ def frozen_fp32_linears(model: nn.Module) -> list[nn.Linear]:
             and not any(p.requires_grad for p in m.parameters())]
 
 
-@contextlib.contextmanager
-def frozen_linears(model: nn.Module) -> Iterator[None]:
+def frozen_linears(model: nn.Module) -> contextlib.AbstractContextManager:
     """While active, the model's frozen fp32 CPU linears compute through `FrozenLinear`."""
-    linears = frozen_fp32_linears(model)
-    for linear in linears:
-        linear.forward = _frozen_forward.__get__(linear)
-    try:
-        yield
-    finally:
-        for linear in linears:
-            del linear.forward
+    return rerouted(frozen_fp32_linears(model), _frozen_forward)

@@ -15,13 +15,14 @@ enters it for its training steps (see `peftkit/train/trainer.py`).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from transformers.activations import SiLUActivation
+
+from .reroute import checkpointing, rerouted
 
 # Classes whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`;
 # tests/test_swiglu.py checks each against its own forward.
@@ -57,15 +58,10 @@ def _lean_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(SiluMul.apply(g, u))
 
 
-def checkpointing(model: nn.Module) -> bool:
-    """Whether a submodule of `model` has transformers' gradient checkpointing on."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
 def lean_mlps(model: nn.Module) -> list[nn.Module]:
     """The model's MLPs `lean_swiglu` reroutes: a class in `GATED_MLPS` with a SiLU `act_fn`.
-    None under gradient checkpointing: a checkpointed layer saves no MLP activation anyway, and
-    its recomputation in backward (outside `lean_swiglu`) must save what the first forward did."""
+    None under gradient checkpointing (`reroute.checkpointing`): a checkpointed layer saves no MLP
+    activation anyway."""
     if checkpointing(model):
         return []
     return [m for m in model.modules() if type(m).__name__ in GATED_MLPS
@@ -73,14 +69,6 @@ def lean_mlps(model: nn.Module) -> list[nn.Module]:
             and "forward" not in m.__dict__]
 
 
-@contextlib.contextmanager
-def lean_swiglu(model: nn.Module) -> Iterator[None]:
+def lean_swiglu(model: nn.Module) -> contextlib.AbstractContextManager:
     """While active, the model's gated SiLU MLPs compute through `SiluMul`."""
-    mlps = lean_mlps(model)
-    for mlp in mlps:
-        mlp.forward = _lean_forward.__get__(mlp)
-    try:
-        yield
-    finally:
-        for mlp in mlps:
-            del mlp.forward
+    return rerouted(lean_mlps(model), _lean_forward)
