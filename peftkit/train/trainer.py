@@ -17,8 +17,8 @@ keep the stock loss from full logits.
 
 Every training step's forward also runs the model's gated SiLU MLPs through `swiglu.SiluMul`
 (bitwise the stock values and gradients, one (N, I) activation fewer saved per layer) and its
-frozen fp32 CPU linears through oneDNN (`frozen_linear.FrozenLinear`), except under gradient
-checkpointing and `torch_compile`.
+frozen fp32 CPU linears through oneDNN (`frozen_linear.FrozenLinear`; not under CPU autocast),
+except under gradient checkpointing and `torch_compile`.
 """
 
 from __future__ import annotations
