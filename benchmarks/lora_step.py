@@ -15,12 +15,12 @@ Each process loads the model, injects the same LoRA config with the same seed, a
   minus the allocation before the first step.
 
 Variants: `peft` computes `model(input_ids, labels=...).loss`; `peftkit` is what `peftkit train`
-does: peftkit's LoRA layers, `peftkit.loss.causal_lm_loss` (output head and cross-entropy fused
-and chunked; same loss value, no full logits), `peftkit.swiglu.lean_swiglu` (the MLPs save
-two activations instead of three; bitwise the same values) and `peftkit.frozen_linear` (frozen
-fp32 linears on CPU through oneDNN's matmul); `peftkit-lora-only` runs peftkit's
-LoRA layers with transformers' own forward and `model(input_ids, labels=...).loss`, to show what
-the LoRA layers alone account for.
+does: peftkit's LoRA layers, `peftkit.loss.causal_lm_loss` (output head and cross-entropy fused and
+chunked; same loss value, no full logits) and `peftkit.train.trainer.training_forward`:
+`peftkit.swiglu.lean_swiglu` (the MLPs save two activations instead of three; bitwise the same
+values) and `peftkit.frozen_linear` (frozen fp32 linears on CPU through oneDNN's matmul);
+`peftkit-lora-only` runs peftkit's LoRA layers with transformers' own forward and `model(input_ids,
+labels=...).loss`, to show what the LoRA layers alone account for.
 
     python benchmarks/lora_step.py --cases target,dropout0 --steps 3 --write docs/benchmarks.md
 """
@@ -122,12 +122,11 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).to(device)
 
     if variant == "peftkit":
-        from peftkit.frozen_linear import frozen_linears
         from peftkit.loss import causal_lm_loss
-        from peftkit.swiglu import lean_swiglu
+        from peftkit.train.trainer import training_forward
 
         def loss_fn():
-            with lean_swiglu(model), frozen_linears(model):
+            with training_forward(model):
                 return causal_lm_loss(model, ids, ids)
     else:
         loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731

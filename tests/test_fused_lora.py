@@ -11,10 +11,9 @@ from torch import nn
 import peftkit
 from peftkit import loss as loss_module
 from peftkit import models
-from peftkit.frozen_linear import frozen_linears
 from peftkit.loss import causal_lm_loss
 from peftkit.methods import lora_fn
-from peftkit.swiglu import lean_swiglu
+from peftkit.train.trainer import training_forward
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -63,7 +62,7 @@ def test_dropout0_trajectory_equals_peft(fused_loss):
     expected = trajectory(ref.train(), lambda m: m(input_ids=ids, labels=labels).loss)
     if fused_loss:
         def step(m):
-            with lean_swiglu(m), frozen_linears(m):
+            with training_forward(m):
                 return causal_lm_loss(m, ids, labels, chunk_size=7)
 
         got = trajectory(ours.train(), step)

@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -40,6 +41,14 @@ from ..swiglu import lean_swiglu
 FUSED_INPUTS = {"input_ids", "attention_mask", "position_ids", "labels"}
 
 
+@contextlib.contextmanager
+def training_forward(model: nn.Module) -> Iterator[None]:
+    """The reroutings `peftkit train` applies to a training forward (module docstring): the lean
+    SwiGLU and the oneDNN frozen linears. The benchmarks and tests enter it to run that step."""
+    with lean_swiglu(model), frozen_linears(model):
+        yield
+
+
 class AdapterTrainer(Trainer):
     def __init__(self, *args, fused_loss: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -48,10 +57,7 @@ class AdapterTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         module = self.accelerator.unwrap_model(model)
         lean = model.training and torch.is_grad_enabled() and not self.args.torch_compile
-        with contextlib.ExitStack() as stack:
-            if lean:
-                stack.enter_context(lean_swiglu(module))
-                stack.enter_context(frozen_linears(module))
+        with training_forward(module) if lean else contextlib.nullcontext():
             if return_outputs or not self._fuses(model, module, inputs):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             with _loss_as_forward(module, self.accelerator.autocast):
