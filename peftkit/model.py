@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import checkpoint, quant
+from . import checkpoint, hf_trainer, hub, quant
 from .config import PeftConfig, TaskType
 from .methods.base import AdapterLayer, method_for, replace_module
 
@@ -97,6 +97,7 @@ class PeftModel(nn.Module):
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.base_model = TunedModel(model)
+        model.requires_grad_(False)
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self._autocast_adapter_dtype = autocast_adapter_dtype
@@ -202,8 +203,12 @@ class PeftModel(nn.Module):
         return out
 
     def _mark_trainable(self) -> None:
-        for p in self.parameters():
-            p.requires_grad_(False)
+        """Only the active adapter's tensors train (none in inference mode); other adapters' are
+        frozen. Parameters outside every adapter keep their flag: the base model is frozen once,
+        at construction, and a parameter unfrozen by hand afterwards stays trainable."""
+        for name in self.peft_config:
+            for p in self.adapter_tensors(name).values():
+                p.requires_grad_(False)
         if not self.peft_config[self.active_adapter].inference_mode:
             for p in self.adapter_tensors(self.active_adapter).values():
                 p.requires_grad_(True)
@@ -262,12 +267,18 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike,
                         selected_adapters: list[str] | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True,
-                        **kwargs) -> None:
+                        state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
         """Write each adapter as PEFT does: `default` in `save_directory/`, `X` in
-        `save_directory/X/`; weights then config, each file atomically."""
+        `save_directory/X/`; weights then config, each file atomically.
+
+        `state_dict`: the model's full state dict as a sharding or offloading engine gathered it
+        (keys as in `self.state_dict()`); the adapter tensors are taken from it instead of from
+        the parameters this process holds."""
         if not safe_serialization:
             warnings.warn("peftkit writes safetensors only; ignoring safe_serialization=False",
                           stacklevel=2)
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected arguments {sorted(kwargs)}")
         if not is_main_process:
             return
         names = selected_adapters or list(self.peft_config)
@@ -277,33 +288,59 @@ class PeftModel(nn.Module):
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out, exist_ok=True)
-            checkpoint.save_tensors(self.adapter_tensors(name),
-                                    os.path.join(out, checkpoint.WEIGHTS_NAME))
+            tensors = self.adapter_tensors(name)
+            if state_dict is not None:
+                tensors = self._from_state_dict(tensors, state_dict)
+            checkpoint.save_tensors(tensors, os.path.join(out, checkpoint.WEIGHTS_NAME))
             self.peft_config[name].save_pretrained(out)
+
+    def _from_state_dict(self, tensors: dict[str, torch.Tensor],
+                         state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`{file key: state_dict[in-memory name of that tensor]}`."""
+        names = {id(t): n for n, t in self.state_dict(keep_vars=True).items()}
+        missing = [names[id(t)] for t in tensors.values() if names[id(t)] not in state_dict]
+        if missing:
+            raise KeyError(f"state_dict lacks adapter tensors {missing[:3]} "
+                           f"({len(missing)} in all); pass the model's full state dict")
+        return {key: state_dict[names[id(t)]] for key, t in tensors.items()}
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike,
                         adapter_name: str = "default", is_trainable: bool = False,
                         config: PeftConfig | None = None, autocast_adapter_dtype: bool = True,
                         **kwargs) -> "PeftModel":
-        """Wrap `model` and load the adapter saved in folder `model_id` (PEFT's or ours)."""
-        config = config or PeftConfig.from_pretrained(model_id)
+        """Wrap `model` and load the adapter in `model_id`: a folder (PEFT's or ours) or a Hub
+        repo id, with `subfolder`, `revision`, `token`, `cache_dir`, `local_files_only` as PEFT
+        takes them. `is_trainable=False` leaves the model in eval mode with nothing trainable."""
+        directory = hub.adapter_folder(model_id, **kwargs)
+        config = config or PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
-        peft_model._load_weights(adapter_name, model_id)
+        peft_model._load_weights(adapter_name, directory)
+        if not is_trainable:
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str,
                      is_trainable: bool = False, **kwargs) -> None:
-        """Add the adapter saved in folder `model_id` under `adapter_name` (not activated)."""
-        config = PeftConfig.from_pretrained(model_id)
-        config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
-        try:
-            self._load_weights(adapter_name, model_id)
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
+        """Load the adapter in `model_id` (folder or Hub repo id, as `from_pretrained`) under
+        `adapter_name`. A new name is added, not activated; an existing adapter of that name
+        gets the file's weights (what transformers' Trainer does on resume and best-model
+        loading). `is_trainable=False` puts the model in eval mode, as PEFT does."""
+        directory = hub.adapter_folder(model_id, **kwargs)
+        if adapter_name in self.peft_config:
+            self._load_weights(adapter_name, directory)
+        else:
+            config = PeftConfig.from_pretrained(directory)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config)
+            try:
+                self._load_weights(adapter_name, directory)
+            except Exception:
+                self.delete_adapter(adapter_name)
+                raise
+        if not is_trainable:
+            self.eval()
 
     def _load_weights(self, adapter_name: str, directory: str | os.PathLike) -> None:
         """Copy the file's tensors into adapter `adapter_name`; every key and shape must match."""
@@ -334,3 +371,6 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
                    autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
     """Inject `peft_config`'s method into `model` (in place) and wrap it in a `PeftModel`."""
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+
+
+hf_trainer.install()

@@ -56,7 +56,7 @@ def trainer_changes(model, output_dir) -> tuple[set, set]:
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (8, 8), generator=g)]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = TrainingArguments(output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             learning_rate=1e-2, report_to=[], use_cpu=True,
                              disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=data).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}

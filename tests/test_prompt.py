@@ -258,7 +258,7 @@ def test_trains_in_sft_trainer(tmp_path):
         tokenizer_object=Tokenizer(WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>")),
         pad_token="<pad>", unk_token="<unk>")
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                         learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                         learning_rate=1e-2, report_to=[], use_cpu=True,
                          disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True},
                          remove_unused_columns=False)
     data = Dataset.from_dict({"input_ids": [list(range(3, 11)), list(range(20, 30))] * 2})

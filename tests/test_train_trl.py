@@ -27,7 +27,7 @@ def test_sft_trainer_trains_a_peftkit_lora_model(tmp_path):
     rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for b in range(4)]
     args = trl.SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
                          gradient_accumulation_steps=1, max_steps=3, learning_rate=1e-2,
-                         report_to="none", save_strategy="no", logging_steps=1,
+                         report_to="none", logging_steps=1,
                          dataloader_pin_memory=False, bf16=False)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer)

@@ -40,7 +40,7 @@ def test_trainer_changes_only_adapter(tmp_path, bias):
     )
     before = snapshot(model)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             learning_rate=1e-2, report_to=[], use_cpu=True,
                              logging_steps=1, disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=Random()).train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -60,7 +60,7 @@ def test_sft_trainer(tmp_path):
     before = snapshot(model)
     data = HFDataset.from_dict({"input_ids": [list(range(3, 11)), list(range(20, 30))] * 4})
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                         learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                         learning_rate=1e-2, report_to=[], use_cpu=True,
                          disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True},
                          remove_unused_columns=False)
     from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast

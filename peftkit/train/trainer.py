@@ -1,8 +1,8 @@
-"""transformers' `Trainer`, taught to checkpoint a `PeftModel` as an adapter in PEFT's layout.
+"""`peftkit train`'s Trainer: the stock one with peftkit's training step.
 
-A `PeftModel` is not a `PreTrainedModel`, so the stock `Trainer` would save its whole state dict.
-`AdapterTrainer` saves (and on `--resume` loads) only the adapter tensors; everything else a
-checkpoint holds (optimizer, scheduler, RNG states, `trainer_state.json`) is the stock Trainer's.
+Checkpoints hold the adapter in PEFT's layout, as with any stock Trainer (`peftkit.hf_trainer`
+teaches transformers that a peftkit `PeftModel` is a PEFT model); everything else a checkpoint
+holds (optimizer, scheduler, RNG states, `trainer_state.json`) is the stock Trainer's.
 `trainer_state.json` is the last file a checkpoint gets, so a checkpoint folder without a readable
 one is an interrupted save and `last_complete_checkpoint` skips it.
 
@@ -35,7 +35,6 @@ from transformers import Trainer
 
 from ..frozen_linear import frozen_linears
 from ..loss import causal_lm_loss, fusable
-from ..model import PeftModel
 from ..swiglu import lean_swiglu
 
 FUSED_INPUTS = {"input_ids", "attention_mask", "position_ids", "labels"}
@@ -72,27 +71,6 @@ class AdapterTrainer(Trainer):
                 and not self.args.torch_compile
                 and not (parallel is not None and (parallel.sp_enabled or parallel.cp_enabled))
                 and fusable(module))
-
-    def _peft_model(self) -> PeftModel | None:
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        return model if isinstance(model, PeftModel) else None
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        peft_model = self._peft_model()
-        if peft_model is None:
-            return super()._save(output_dir, state_dict)
-        if not self.args.should_save:
-            return
-        output_dir = output_dir or self.args.output_dir
-        peft_model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        peft_model = self._peft_model()
-        if peft_model is None:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        peft_model._load_weights(peft_model.active_adapter, resume_from_checkpoint)
 
 
 @contextlib.contextmanager
