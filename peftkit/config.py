@@ -110,7 +110,7 @@ class PeftConfig:
             if peft_type not in _CONFIGS:
                 raise ValueError(
                     f"adapter_config.json has peft_type={peft_type!r}; peftkit reads "
-                    f"{sorted(_CONFIGS)}"
+                    f"{sorted(_CONFIGS)}: load this adapter with Hugging Face PEFT"
                 )
             cls = _CONFIGS[peft_type]
         elif peft_type is not None and peft_type != cls.PEFT_TYPE.value:

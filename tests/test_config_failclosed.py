@@ -159,3 +159,11 @@ def test_refusal_names_every_offending_field(tmp_path):
     data = saved_by_peft(tmp_path, peft.LoraConfig, target_modules=["q_proj"], use_dora=True,
                          layer_replication=[[0, 2]])
     refused({**data, "future_feature": 1}, "use_dora", "layer_replication", "future_feature")
+
+
+@pytest.mark.parametrize("peft_cls, kwargs", [
+    (peft.LoHaConfig, dict(target_modules=["q_proj"])),
+    (peft.PrefixTuningConfig, dict(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+], ids=["LoHa", "PrefixTuning"])
+def test_other_peft_methods_are_refused(peft_cls, kwargs, tmp_path):
+    refused(saved_by_peft(tmp_path, peft_cls, **kwargs), "peft_type")
