@@ -133,6 +133,14 @@ def test_other_peft_inits_are_refused(init, tmp_path):
                           init_lora_weights=init), "init_lora_weights")
 
 
+@pytest.mark.parametrize("field, kwargs", [
+    ("task_type", dict(task_type="SEQ_2_SEQ_LM")),
+    ("num_transformer_submodules", dict(task_type="CAUSAL_LM", num_transformer_submodules=2)),
+])
+def test_encoder_decoder_prompts_are_refused(field, kwargs, tmp_path):
+    refused(saved_by_peft(tmp_path, peft.PromptTuningConfig, num_virtual_tokens=4, **kwargs), field)
+
+
 def test_json_types_are_strict(tmp_path):
     """0 is not false: a value only equal to the default under Python's == is still refused."""
     data = saved_by_peft(tmp_path, peft.LoraConfig, **MINIMAL[peftkit.LoraConfig])
