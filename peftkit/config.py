@@ -2,9 +2,11 @@
 
 A config is a dataclass that validates itself on construction (the error names the bad field)
 and round-trips through PEFT's JSON layout: sorted keys, enums as their string values,
-`inference_mode` written as true. Reading accepts files written by Hugging Face PEFT: keys for
-features peftkit does not implement are ignored while they hold PEFT's default value and refused
-when they do not, so an adapter is never silently loaded with different semantics.
+`inference_mode` written as true. Reading accepts files written by Hugging Face PEFT and fails
+closed: a PEFT field peftkit does not implement is ignored only while it holds PEFT's default (each
+config class lists those fields and defaults in `UNSUPPORTED_DEFAULTS`, so no `peft` install is
+needed), and a key unknown to both is ignored only while it is None, false or empty. Anything else
+is refused with the keys named, so an adapter is never loaded with different semantics.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class PeftConfig:
     """Fields every method shares. Subclasses set `PEFT_TYPE` and extend `validate`."""
 
     PEFT_TYPE: ClassVar[PeftType]
-    # PEFT keys this class does not implement, with the value that makes ignoring them safe.
+    # Every field of the matching peft config class that this class does not implement, with
+    # peft's default as written in adapter_config.json (tests check it against the real peft).
     UNSUPPORTED_DEFAULTS: ClassVar[dict[str, Any]] = {}
     # Keys PEFT writes as provenance only; they never change what an adapter computes.
     METADATA_KEYS: ClassVar[frozenset[str]] = frozenset({"auto_mapping", "peft_version"})
@@ -107,24 +110,35 @@ class PeftConfig:
             if peft_type not in _CONFIGS:
                 raise ValueError(
                     f"adapter_config.json has peft_type={peft_type!r}; peftkit reads "
-                    f"{sorted(_CONFIGS)}"
+                    f"{sorted(_CONFIGS)}: load this adapter with Hugging Face PEFT"
                 )
             cls = _CONFIGS[peft_type]
         elif peft_type is not None and peft_type != cls.PEFT_TYPE.value:
             raise ValueError(f"expected peft_type {cls.PEFT_TYPE.value!r}, got {peft_type!r}")
         names = {f.name for f in dataclasses.fields(cls)}
+        for key in cls.METADATA_KEYS:
+            data.pop(key, None)
+        refused, ignored = [], []
         for key in sorted(set(data) - names):
             value = data.pop(key)
-            if key in cls.METADATA_KEYS:
-                continue
             if key in cls.UNSUPPORTED_DEFAULTS:
-                if value not in (cls.UNSUPPORTED_DEFAULTS[key], None):
-                    raise NotImplementedError(
-                        f"this adapter sets {key}={value!r}, a {cls.PEFT_TYPE.value} feature "
-                        "peftkit does not implement; load it with Hugging Face PEFT instead"
-                    )
-            elif value not in (None, False, {}, []):
-                warnings.warn(f"ignoring unknown {cls.__name__} key {key}={value!r}", stacklevel=2)
+                if not _same(value, cls.UNSUPPORTED_DEFAULTS[key]):
+                    refused.append(f"{key}={value!r} (PEFT's default: "
+                                   f"{cls.UNSUPPORTED_DEFAULTS[key]!r})")
+            elif any(_same(value, off) for off in (None, False, {}, [])):
+                ignored.append(key)
+            else:
+                refused.append(f"{key}={value!r} (a key peftkit does not know)")
+        if refused:
+            raise NotImplementedError(
+                f"this {cls.PEFT_TYPE.value} adapter sets {', '.join(refused)}, which peftkit does "
+                "not implement; loading it anyway would compute something else. Load it with "
+                "Hugging Face PEFT (peft.PeftModel.from_pretrained), or merge it into the base "
+                "model with PEFT first (merge_and_unload) and use the merged model"
+            )
+        if ignored:
+            warnings.warn(f"ignoring {cls.__name__} keys peftkit does not know, each None, false "
+                          f"or empty: {ignored}", stacklevel=2)
         return cls(**data)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -148,6 +162,12 @@ class PeftConfig:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} is not valid JSON: {err}") from None
         return cls.from_dict(data)
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Equal as JSON values: 0 is not false, 1 is not true, 16.0 is not 16."""
+    return json.dumps(value, sort_keys=True, default=repr) == json.dumps(
+        default, sort_keys=True, default=repr)
 
 
 def check(condition: bool, field: str, message: str) -> None:

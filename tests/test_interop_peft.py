@@ -9,6 +9,7 @@ import torch
 
 import peftkit
 from conftest import TARGETS, logits, make_model, perturb_trainable
+from peftkit.methods.base import AdapterLayer
 
 VARIANTS = {
     "plain": {},
@@ -107,3 +108,24 @@ def test_sequence_classification_both_ways(bias, tokens, tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
     torch.testing.assert_close(logits(back, tokens), logits(ours, tokens), atol=1e-5, rtol=0)
+
+
+def test_merging_another_adapter_keeps_its_modules_to_save(tokens, tmp_path):
+    """merge_and_unload(adapter_names=["x"]) while "default" is active gives what PEFT computes
+    with x alone, x's lm_head copy included (PEFT 0.21's own merge would keep default's copy)."""
+    kw = dict(r=4, target_modules=TARGETS["llama"], modules_to_save=["lm_head"],
+              init_lora_weights=False)
+    ours = peftkit.get_peft_model(make_model("llama"), peftkit.LoraConfig(**kw)).eval()
+    ours.add_adapter("x", peftkit.LoraConfig(**kw))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in ("default", "x"):
+            for p in ours.adapter_tensors(name).values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    ours.save_pretrained(tmp_path, selected_adapters=["x"])
+    expected = logits(peft.PeftModel.from_pretrained(make_model("llama"), tmp_path / "x").eval(),
+                      tokens)
+    assert (logits(ours, tokens) - expected).abs().max() > 1e-3  # default differs from x
+    merged = ours.merge_and_unload(adapter_names=["x"])
+    assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, tokens), expected, atol=1e-5, rtol=0)

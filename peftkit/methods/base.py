@@ -92,13 +92,16 @@ class ModulesToSaveWrapper(AdapterLayer):
     """A full trainable copy of a module per adapter (PEFT's `modules_to_save`).
 
     The copy of adapter `name` lives at `modules_to_save.<name>`; on disk its tensors keep the
-    module's own keys (`<path>.weight`), as in PEFT.
+    module's own keys (`<path>.weight`), as in PEFT. Forward runs the first active adapter's copy;
+    `merge_and_unload` keeps the first merged adapter's copy (PEFT 0.21 keeps the active one's even
+    when merging other adapters).
     """
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
+        self.merged_adapters: list[str] = []
 
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
@@ -119,10 +122,17 @@ class ModulesToSaveWrapper(AdapterLayer):
         return self.modules_to_save[self.active_adapters[0]]
 
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
-        """Nothing to fold: the active copy already is the module."""
+        """Nothing to fold; remember which of `names` have a copy here, for `unwrap`."""
+        self.merged_adapters += [n for n in names
+                                 if n in self.modules_to_save and n not in self.merged_adapters]
+
+    def unmerge(self) -> None:
+        self.merged_adapters = []
 
     def unwrap(self, merge: bool) -> nn.Module:
-        return self._current() if merge else self.original_module
+        if merge and self.merged_adapters:
+            return self.modules_to_save[self.merged_adapters[0]]
+        return self.original_module
 
     def forward(self, *args, **kwargs):
         return self._current()(*args, **kwargs)

@@ -63,19 +63,30 @@ class LoraConfig(PeftConfig):
     """LoRA hyper-parameters, with Hugging Face PEFT's names, defaults and JSON layout."""
 
     PEFT_TYPE = PeftType.LORA
+    # peft 0.21.2's LoRA fields peftkit does not implement (DoRA, the LoRA variants, data-driven
+    # inits, Megatron, ...), with peft's defaults as JSON; init_lora_weights is checked in validate.
     UNSUPPORTED_DEFAULTS = {
-        "use_dora": False,
-        "lora_bias": False,
-        "use_qalora": False,
-        "qalora_group_size": 16,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "kasa_config": None,
         "layer_replication": None,
         "loftq_config": {},
-        "target_parameters": None,
-        "trainable_token_indices": None,
-        "alora_invocation_tokens": None,
-        "ensure_weight_tying": False,
+        "lora_bias": False,
+        "lora_ga_config": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
+        "monteclora_config": None,
+        "qalora_group_size": 16,
+        "runtime_config": {"ephemeral_gpu_offload": False},
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": False,
+        "use_qalora": False,
+        "velora_config": None,
     }
 
     r: int = 8
@@ -116,7 +127,9 @@ class LoraConfig(PeftConfig):
             self.init_lora_weights in (True, False, "gaussian")
             and isinstance(self.init_lora_weights, (bool, str)),
             "init_lora_weights",
-            f"must be True, False or 'gaussian', got {self.init_lora_weights!r}",
+            f"peftkit implements True, False and 'gaussian', got {self.init_lora_weights!r} (PEFT's "
+            "other inits, e.g. 'pissa', 'olora', 'loftq', 'mica', change the base weights or the "
+            "layer: load such an adapter with Hugging Face PEFT, or merge it with PEFT first)",
         )
         for name in ("fan_in_fan_out", "use_rslora"):
             check(isinstance(getattr(self, name), bool), name, "must be True or False")

@@ -88,9 +88,10 @@ class PromptTuningConfig(PeftConfig):
                   f"must be a positive integer or None, got {value!r}")
         check(self.num_transformer_submodules in (None, 1), "num_transformer_submodules",
               f"peftkit prompt-tunes decoder-only and encoder-only models (1 submodule), got "
-              f"{self.num_transformer_submodules!r}")
+              f"{self.num_transformer_submodules!r}; load this adapter with Hugging Face PEFT")
         check(self.task_type != TaskType.SEQ_2_SEQ_LM, "task_type",
-              "peftkit does not prompt-tune encoder-decoder models (SEQ_2_SEQ_LM)")
+              "peftkit does not prompt-tune encoder-decoder models (SEQ_2_SEQ_LM); load this "
+              "adapter with Hugging Face PEFT")
         try:
             self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init)
         except ValueError:
