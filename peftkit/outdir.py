@@ -135,11 +135,14 @@ def _clean(path: str | os.PathLike) -> None:
                     os.unlink(os.path.join(folder, file))
 
 
-def fsync_tree(path: str) -> None:
-    """Flush every file and folder under `path` to disk."""
+def _finish_tree(path: str) -> None:
+    """Give every file under `path` the mode of a file the user creates (0666 & ~umask, read
+    from `path`'s own 0777 & ~umask: safetensors writes its files 0600) and flush all to disk."""
+    mode = os.stat(path).st_mode & 0o666
     for folder, _, files in os.walk(path):
         for file in files:
             with open(os.path.join(folder, file), "rb") as fh:
+                os.fchmod(fh.fileno(), mode)
                 os.fsync(fh.fileno())
         _fsync_dir(folder)
 
@@ -187,15 +190,15 @@ def _replace(new: str, path: str) -> None:
 
 @contextlib.contextmanager
 def publish(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a fresh temporary sibling folder of `path`; when the block succeeds, flush it and
-    rename it into place over `path` (module docstring). If the block fails, the temporary
+    """Yield a fresh temporary sibling folder of `path`; when the block succeeds, give its files
+    the umask's mode, flush it and rename it into place over `path` (module docstring). If the block fails, the temporary
     folder is removed and `path` is untouched. Hold `claim(path)` around it."""
     path = os.path.abspath(path)
     tmp = sibling(path, f"tmp-{secrets.token_hex(4)}")
     os.mkdir(tmp)  # mode 0777 & ~umask, like any folder the user creates
     try:
         yield tmp
-        fsync_tree(tmp)
+        _finish_tree(tmp)
         _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
