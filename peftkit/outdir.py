@@ -69,8 +69,8 @@ def _read_holder(fd: int) -> dict | None:
 
 def _lock(path: str, lock_path: str) -> tuple[int, dict | None]:
     """flock `lock_path` (created if missing); return the fd and the previous holder's record,
-    or raise OutputDirBusy naming the holder of `path`. Retries when the file was unlinked by its releasing holder between
-    our open and our flock (we would hold a lock nobody else sees)."""
+    or raise OutputDirBusy naming the holder of `path`. Retries when the file was unlinked by
+    its releasing holder between our open and our flock (we would hold a lock nobody sees)."""
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -191,8 +191,9 @@ def _replace(new: str, path: str) -> None:
 @contextlib.contextmanager
 def publish(path: str | os.PathLike) -> Iterator[str]:
     """Yield a fresh temporary sibling folder of `path`; when the block succeeds, give its files
-    the umask's mode, flush it and rename it into place over `path` (module docstring). If the block fails, the temporary
-    folder is removed and `path` is untouched. Hold `claim(path)` around it."""
+    the umask's mode, flush it and rename it into place over `path` (module docstring). If the
+    block fails, the temporary folder is removed and `path` is untouched. Hold `claim(path)`
+    around it."""
     path = os.path.abspath(path)
     tmp = sibling(path, f"tmp-{secrets.token_hex(4)}")
     os.mkdir(tmp)  # mode 0777 & ~umask, like any folder the user creates

@@ -37,8 +37,8 @@ def kill9(child):
 
 def tree(path) -> dict[str, bytes]:
     """Every file under `path` by relative name, with its bytes."""
-    return {os.path.relpath(os.path.join(folder, f), path): open(os.path.join(folder, f), "rb").read()
-            for folder, _, files in os.walk(path) for f in files}
+    files = (os.path.join(folder, f) for folder, _, names in os.walk(path) for f in names)
+    return {os.path.relpath(f, path): open(f, "rb").read() for f in files}
 
 
 def test_a_held_folder_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(

@@ -80,7 +80,8 @@ def test_overwrite_keeps_the_old_run_aside_until_the_new_runs_first_checkpoint(
     rc, _, err = run(capsys, *train_args(model_dir, data, out, *common, "--overwrite", "--r", 4))
     assert rc == 0, err
     assert seen == [True, True, False, False]  # deleted once checkpoint-2 was complete
-    assert not os.path.exists(aside) and json.load(open(os.path.join(out, "adapter_config.json")))["r"] == 4
+    assert not os.path.exists(aside)
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["r"] == 4
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
