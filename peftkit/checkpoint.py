@@ -3,17 +3,21 @@
 A folder holds `adapter_config.json` and `adapter_model.safetensors` (metadata
 `{"format": "pt"}`, keys like `base_model.model.<module path>.lora_A.weight`). Each file is
 written to a temporary name in the same folder, flushed to disk and renamed over the old one, so
-a crash mid-save leaves the previous file intact. Pickled `adapter_model.bin` files are refused:
-loading a pickle can run arbitrary code.
+a crash mid-save leaves the previous file intact. Files get the user's umask (0644 by default),
+like every other file of the folder; a leftover temporary (`.<name>.<random>.peftkit-tmp`) is
+removed by the next peftkit command that claims the folder (`peftkit.outdir`). Pickled
+`adapter_model.bin` files are refused: loading a pickle can run arbitrary code.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .outdir import TMP_SUFFIX
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -22,10 +26,13 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 def _atomic_write(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    mode = os.fstat(fd).st_mode  # 0666 & ~umask; safetensors writes its files 0600
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -3,33 +3,66 @@
 Files in the output directory: the adapter (PEFT layout) or, for `--method full`, the whole
 model; the tokenizer; `checkpoint-N/` folders; `metrics.jsonl`; `loss_curve.png`;
 `run_summary.json`. Under torchrun every rank trains and only rank 0 writes.
+
+The output dir belongs to one run at a time (`outdir.claim`, held by rank 0). `--overwrite`
+moves the previous run's files aside (`outdir.move_aside`); they are deleted after this run's
+first complete checkpoint, or at its end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import random
 import time
 
 import torch
+from transformers import TrainerCallback
 
+from .. import outdir
 from ..checkpoint import atomic_write_text
 from ..model import PeftModel, get_peft_model
 from . import loading, methods, options
 from .examples import Collator, load_examples, pack
-from .metrics import METRICS, JsonlLogger
+from .metrics import JsonlLogger
 from .trainer import AdapterTrainer, is_complete, last_complete_checkpoint
 
 SUMMARY = "run_summary.json"
 
 
+def _main_process() -> bool:
+    """True but in torchrun's ranks other than 0: the process that holds the output dir."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def holding_output_dir(train):
+    """`train(args)` with `args.output_dir` held for the whole run (`outdir.claim`); under
+    torchrun only rank 0 holds it (the ranks share the folder)."""
+    @functools.wraps(train)
+    def run(args: argparse.Namespace) -> dict:
+        held = args.output_dir and _main_process()
+        with outdir.claim(args.output_dir, "peftkit train") if held else contextlib.nullcontext():
+            return train(args)
+    return run
+
+
+class DropReplaced(TrainerCallback):
+    """Deletes what `--overwrite` moved aside once this run has a complete checkpoint."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            outdir.drop_replaced(args.output_dir)
+
+
 def check_output_dir(args: argparse.Namespace) -> str | bool | None:
     """Refuse a non-empty output dir unless --overwrite/--resume; return the checkpoint to
-    resume from (or None)."""
+    resume from (or None). `--overwrite` empties it: the old files move aside (rank 0)."""
     out = args.output_dir
-    exists = os.path.isdir(out) and bool(os.listdir(out))
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output-dir {out} is a file; give a folder path")
     if args.resume:
         if args.resume is not True:
             if not is_complete(args.resume):
@@ -39,9 +72,14 @@ def check_output_dir(args: argparse.Namespace) -> str | bool | None:
         if found is None:
             raise ValueError(f"--resume: no complete checkpoint-N folder in {out}")
         return found
-    if exists and not args.overwrite:
+    if not _main_process() or not (os.path.isdir(out) and os.listdir(out)):
+        return None
+    if not args.overwrite:
         raise ValueError(f"output directory {out} exists and is not empty; pass --overwrite to "
-                         "write into it or --resume to continue its last checkpoint")
+                         "replace its contents or --resume to continue its last checkpoint")
+    outdir.move_aside(out)
+    print(f"peftkit train: --overwrite: the previous contents of {out} are in "
+          f"{outdir.sibling(out, 'replaced')} until this run's first checkpoint", flush=True)
     return None
 
 
@@ -135,6 +173,7 @@ class PeakMemory:
                 "peak_memory_kind": kind}
 
 
+@holding_output_dir
 def train(args: argparse.Namespace) -> dict:
     """Run training as `args` says; return the run summary (also written to run_summary.json)."""
     from transformers import set_seed
@@ -170,12 +209,10 @@ def train(args: argparse.Namespace) -> dict:
     if training_args.should_save:
         for note in notes:
             print(f"peftkit train: {note}", flush=True)
-        if not resume and os.path.isfile(os.path.join(args.output_dir, METRICS)):
-            os.unlink(os.path.join(args.output_dir, METRICS))
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=[JsonlLogger(args.output_dir)], fused_loss=args.fused_loss,
+        callbacks=[JsonlLogger(args.output_dir), DropReplaced()], fused_loss=args.fused_loss,
     )
     memory = PeakMemory()
     memory.start()
@@ -205,6 +242,7 @@ def train(args: argparse.Namespace) -> dict:
     if trainer.is_world_process_zero():
         atomic_write_text(os.path.join(args.output_dir, SUMMARY),
                           json.dumps(summary, indent=2) + "\n")
+        outdir.drop_replaced(args.output_dir)
         print(format_summary(summary), flush=True)
     return summary
 
