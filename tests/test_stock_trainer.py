@@ -209,3 +209,39 @@ def test_sft_trainer_default_checkpoints_and_resume(tmp_path):
     want, got = adapter(whole), adapter(resumed)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_seed_recipe_on_the_embedded_smollm2(tmp_path):
+    """The seed's code on the real tied-embedding model: SFTTrainer with default checkpointing;
+    the checkpoint is the adapter alone (7.4 MB), equal to the trained tensors, and PEFT loads it
+    to the logits peftkit loads it to. bf16 is off: on CPUs without AVX512-BF16 its matmuls are
+    ~20x slower; the tiny SFTTrainer test above runs SFTConfig's default bf16."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import PeftModel as PeftPeftModel
+
+    model, tokenizer = models.load_default()
+    lora_config = peftkit.LoraConfig(task_type=peftkit.TaskType.CAUSAL_LM, r=16, lora_alpha=32,
+                                     target_modules=["q_proj", "v_proj", "k_proj", "o_proj"],
+                                     lora_dropout=0.05, bias="none")
+    model = peftkit.get_peft_model(model, lora_config)
+    data = Dataset.from_list([{"prompt": f"Code for day {d}?", "completion": f"D-{d:03d}"}
+                              for d in range(8)])
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, num_train_epochs=1, learning_rate=2e-4,
+                         max_length=32, report_to="none", use_cpu=True, disable_tqdm=True,
+                         bf16=False)
+    trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+    folder = tmp_path / "checkpoint-2"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(folder))
+    assert not {"model.safetensors", "config.json"} & set(os.listdir(folder))
+    saved = load_file(folder / "adapter_model.safetensors")
+    trained = model.adapter_tensors("default")
+    assert set(saved) == set(trained) and all(torch.equal(saved[k], trained[k]) for k in saved)
+    assert sum(t.numel() for t in saved.values()) == 1_843_200
+    reference = PeftPeftModel.from_pretrained(models.load_default()[0], str(folder)).eval()
+    ids = tokenizer("What is the capital of France?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits,
+                                   model.get_base_model().eval()(input_ids=ids).logits,
+                                   rtol=0, atol=1e-4)
