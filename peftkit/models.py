@@ -97,7 +97,9 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | None = None,
 
     `quantize`: None, or `"nf4"` / `"fp4"` (4-bit, double quantization, computing in `dtype`)
     or `"int8"`, through bitsandbytes (see `peftkit.quant.bnb_config`); the linear layers of the
-    blocks are quantized, the tied embedding / lm_head and the norms stay in `dtype`.
+    blocks are quantized, the tied embedding / lm_head and the norms stay in `dtype`. The k-bit
+    model goes to `device`, else this process's GPU (`LOCAL_RANK` under torchrun, see
+    `quant.kbit_device_map`), else the CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,12 +109,12 @@ def load_default(dtype: torch.dtype = torch.float32, device: str | None = None,
         if device is not None:
             model.to(device)
     else:
-        from .quant import bnb_config
+        from .quant import avoid_cpu_packing_, bnb_config, kbit_device_map
 
-        model = AutoModelForCausalLM.from_pretrained(
+        model = avoid_cpu_packing_(AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=bnb_config(quantize, compute_dtype=dtype),
-            device_map=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        )
+            device_map=device or kbit_device_map(),
+        ))
     model.name_or_path = DEFAULT_MODEL
     return model.eval(), AutoTokenizer.from_pretrained(path)
 

@@ -3,14 +3,19 @@
 
 Before adapters are injected into a k-bit model: freeze every base parameter, run the
 normalisation layers in fp32 (their statistics are what half precision hurts), make the input
-embeddings' output require grad (so gradients reach adapters through checkpointed blocks), and
-turn on gradient checkpointing.
+embeddings' output require grad (so gradients reach adapters through checkpointed blocks), turn
+on gradient checkpointing, and keep 4-bit layers on bitsandbytes' differentiable path on every CPU
+(`quant.avoid_cpu_packing_`: its packed AVX512-BF16 inference format has no gradient).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+
+from .quant import avoid_cpu_packing_
 
 UPCAST_MODES = ("norms", "all", "none")
 HALF = (torch.float16, torch.bfloat16)
@@ -36,6 +41,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
       activations; `gradient_checkpointing_kwargs` go to `torch.utils.checkpoint.checkpoint`
       (`use_reentrant` defaults to False, torch's recommendation). Input grads are enabled with
       it, since the reentrant variant drops gradients of blocks whose inputs do not require grad.
+      A model that does not support it is left without it, with a warning (PEFT skips it).
     """
     if upcast not in UPCAST_MODES:
         raise ValueError(f"upcast={upcast!r} is not known; use one of {UPCAST_MODES}")
@@ -53,7 +59,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         kwargs = dict(gradient_checkpointing_kwargs or {})
         kwargs.setdefault("use_reentrant", False)
         _enable_checkpointing(model, kwargs)
-    return model
+    return avoid_cpu_packing_(model)
 
 
 def _compute_in_fp32(module: nn.Module, out_dtype: torch.dtype) -> None:
@@ -74,10 +80,10 @@ def _compute_in_fp32(module: nn.Module, out_dtype: torch.dtype) -> None:
 
 def _enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(
-            f"{type(model).__name__} does not support gradient checkpointing; pass "
-            "use_gradient_checkpointing=False"
-        )
+        warnings.warn(f"{type(model).__name__} does not support gradient checkpointing; training "
+                      "it without (pass use_gradient_checkpointing=False to silence this)",
+                      stacklevel=3)
+        return
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -8,13 +8,29 @@ in 8 bits, in blocks of 256, with an fp32 scale per block (`quant_state.state2`)
 (`SCB`). bitsandbytes owns the storage and the matmuls; this module only moves weights between
 those formats and full precision, the way PEFT and transformers do.
 
+On CPUs with AVX512-BF16 (Intel Xeon; not AMD EPYC), bitsandbytes 0.50's `Linear4bit.forward`,
+in eval mode with an input that needs no grad, repacks the weight in place for a bf16 inference
+kernel (`functional._convert_weight_packed_for_cpu`, gated by the module attribute
+`support_avx512bf16_for_cpu`): the codes (N*K/2, 1) become (N, K/2) interleaved in 32-row
+tiles, the block scales become bf16 laid out (K/64, N), double quantization is undone, and
+`quant_state.packing_format_for_cpu` is set. That kernel casts inputs to bf16 whatever the
+compute dtype, has no autograd formula (gradients stop at it once a layer is packed, in training
+too), and fails for in_features that are not a multiple of the block size or out_features not a
+multiple of 32; bitsandbytes' inverse (run by `state_dict()`) leaves a non-double-quantized
+absmax transposed. So peftkit keeps the models it loads and prepares off that path
+(`avoid_cpu_packing_`), and its helpers read a layer that was packed before it saw it exactly:
+codes times the bf16 scales the layer now holds (`dequantize_weight`, `unpack_cpu_`).
+
 bitsandbytes is optional: everything here that needs it calls `require_bnb`, which raises an
 ImportError saying how to install it.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import sys
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -65,25 +81,102 @@ def bnb_config(quant: str, compute_dtype: torch.dtype = torch.bfloat16,
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def cpu_packed(layer: nn.Module) -> bool:
+    """Whether bitsandbytes repacked this `Linear4bit`'s weight for its AVX512-BF16 CPU kernel."""
+    state = getattr(layer.weight, "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def cpu_packable(layer: nn.Module) -> bool:
+    """Whether bitsandbytes 0.50 can repack this `Linear4bit` for its CPU kernel (out_features a
+    multiple of its 32-row tiles, in_features a multiple of the block size); else it raises
+    `shape '[out, 0]' is invalid` in the first eval-mode forward on AVX512-BF16 CPUs."""
+    return layer.out_features % 32 == 0 and layer.in_features % layer.weight.blocksize == 0
+
+
+def _plain_4bit(layer: nn.Module):
+    """(codes, quant_state) of a CPU-packed `Linear4bit` in bitsandbytes' plain layout, leaving
+    the layer untouched: codes (N*K/2, 1) in the original storage dtype; one fp32 absmax per block
+    (N*K/64,), holding exactly the layer's bf16 scales, not double-quantized."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    state = layer.weight.quant_state
+    plain = copy.copy(state)
+    plain.original_nested = False  # keep the bf16 scales as they are, not re-quantized
+    codes, plain = _convert_weight_packed_for_cpu_inverse(layer.weight.data, plain)
+    plain.absmax = state.absmax.T.reshape(-1).float()  # (K/64, N) -> row-major blocks of W
+    return codes, plain
+
+
+def source_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a `Linear4bit`'s weight had before quantization (what dequantization returns)."""
+    state = layer.weight.quant_state
+    return state.original_dtype if cpu_packed(layer) else state.dtype
+
+
+def unpack_cpu_(layer: nn.Module) -> None:
+    """Return a CPU-packed `Linear4bit` to bitsandbytes' plain layout, in place, without changing
+    the weights it holds (its absmax stays the packed bf16 values, in fp32 and not
+    double-quantized: 4 bytes per 64 weights instead of about 1)."""
+    codes, state = _plain_4bit(layer)
+    layer.weight.data, layer.weight.quant_state = codes, state
+    layer.quant_state = state
+
+
+def avoid_cpu_packing_(model: nn.Module) -> nn.Module:
+    """Keep every `Linear4bit` of `model` off bitsandbytes' AVX512-BF16 CPU inference format
+    (see the module docstring), unpacking those already packed; in place, returns `model`.
+
+    Its layers then compute in their own compute dtype on the differentiable path on every CPU,
+    in eval mode as in training. A no-op on CPUs without AVX512-BF16 and on GPUs."""
+    for module in model.modules():
+        if kbit_kind(module) == "4bit":
+            module.support_avx512bf16_for_cpu = False
+            if cpu_packed(module):
+                unpack_cpu_(module)
+    return model
+
+
+def kbit_device_map(env: Mapping[str, str] | None = None, cuda: bool | None = None,
+                    device_count: int | None = None) -> dict[str, int] | str:
+    """The `device_map` that loads a k-bit model whole onto this process's device.
+
+    Under torchrun (`LOCAL_RANK` set) each rank takes its local GPU, `{"": LOCAL_RANK}`, not
+    cuda:0; a launcher that shows each rank one GPU (device_count 1) gets `{"": 0}`. Without
+    LOCAL_RANK: the current CUDA device; without CUDA: "cpu". `env`, `cuda` and `device_count`
+    default to os.environ and torch's view (they are parameters for tests).
+    """
+    env = os.environ if env is None else env
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return "cpu"
+    count = torch.cuda.device_count() if device_count is None else device_count
+    if "LOCAL_RANK" not in env:
+        return {"": torch.cuda.current_device()}
+    rank = int(env["LOCAL_RANK"])
+    if rank < count:
+        return {"": rank}
+    if count == 1:
+        return {"": 0}
+    raise ValueError(f"LOCAL_RANK={rank} but this process sees {count} GPUs; launch at most "
+                     f"{count} processes per node, or show each rank one GPU "
+                     "(CUDA_VISIBLE_DEVICES)")
+
+
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The full-precision weight (out, in) a k-bit `layer` computes with.
 
-    4-bit: in the dtype the weight had before quantization (`quant_state.dtype`); 8-bit: fp32
-    (int8 codes times the row scales / 127). Bit-for-bit what the layer's matmul uses.
+    4-bit: in the dtype the weight had before quantization (`source_dtype`); a CPU-packed layer
+    is read as it stands (its bf16 scales) and left packed. 8-bit: fp32 (int8 codes times the
+    row scales / 127). Bit-for-bit what the layer's matmul uses.
     """
     bnb = require_bnb("dequantizing a k-bit layer")
     kind = kbit_kind(layer)
     weight = layer.weight
     if kind == "4bit":
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks weights in place for its AVX512-BF16 CPU inference kernel;
-            # undo that (as Params4bit.cuda() does) before reading the codes.
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                weight.data, weight.quant_state)
-            layer.quant_state = weight.quant_state
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        codes, state = _plain_4bit(layer) if cpu_packed(layer) else (weight.data,
+                                                                     weight.quant_state)
+        return bnb.functional.dequantize_4bit(codes, state)
     if kind == "8bit":
         scb = layer.state.SCB if layer.state.SCB is not None else weight.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, scb)
@@ -92,16 +185,17 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
 
 def requantize_(layer: nn.Module, weight: torch.Tensor) -> None:
     """Replace `layer`'s stored weight by `weight` (out, in), quantized with the layer's own
-    settings (4-bit: quant type, block size, double quantization, storage dtype)."""
+    settings (4-bit: quant type, block size, double quantization, storage dtype; those it had
+    before a CPU packing); the new weight is in the plain layout."""
     bnb = require_bnb("re-quantizing a k-bit layer")
     kind = kbit_kind(layer)
     old = layer.weight
     if kind == "4bit":
         state = old.quant_state
-        dtype = state.dtype
+        nested = state.original_nested if cpu_packed(layer) else state.nested
         new = bnb.nn.Params4bit(
-            weight.detach().to(dtype), requires_grad=False, quant_type=state.quant_type,
-            blocksize=state.blocksize, compress_statistics=state.nested,
+            weight.detach().to(source_dtype(layer)), requires_grad=False,
+            quant_type=state.quant_type, blocksize=state.blocksize, compress_statistics=nested,
             quant_storage=old.quant_storage, module=layer,
         )
         layer.weight = new.to(old.device)  # quantizes, and sets layer.quant_state

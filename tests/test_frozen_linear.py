@@ -22,19 +22,16 @@ def error_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return 2.0**-24 * k**0.5 * (x.abs().double() @ weight.abs().double().t()).max()
 
 
-def rms(t: torch.Tensor) -> float:
-    return t.double().pow(2).mean().sqrt().item()
-
-
 @needs_onednn
 @pytest.mark.parametrize("shape, n_out, bias, transposed", [
     ((300, 576), 1536, False, False), ((3, 100, 1536), 576, True, False),
     ((300, 64), 48, False, True)])
 def test_values_and_input_gradient_within_the_fp32_bound(shape, n_out, bias, transposed):
     """Against float64, FrozenLinear's output and input gradient are within the fp32 rounding
-    bound, as torch's own F.linear (MKL) is, with RMS errors at most 3x MKL's (measured 1-2.1x
-    on SmolLM2's shapes: other blocking, not lost precision; a bf16 GEMM would be ~1000x);
-    contiguous, transposed and 3-D inputs, non-contiguous gradients."""
+    bound, as torch's own F.linear (MKL) is; contiguous, transposed and 3-D inputs,
+    non-contiguous gradients. (A bf16 GEMM would miss the bound ~1000x. The two libraries' RMS
+    errors relative to each other depend on each CPU's blocking, measured 1-2.1x on SmolLM2's
+    shapes, so they are not compared.)"""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape[::-1], generator=g).t() if transposed else torch.randn(shape, generator=g)
     weight = torch.randn(n_out, shape[-1], generator=g)
@@ -43,16 +40,12 @@ def test_values_and_input_gradient_within_the_fp32_bound(shape, n_out, bias, tra
     x64 = x.double().requires_grad_()
     ref = F.linear(x64, weight.double(), None if b is None else b.double())
     ref.backward(grad.double())
-    errors = []
     for fn in (F.linear, frozen_linear.FrozenLinear.apply):
         xg = x.clone().requires_grad_()
         y = fn(xg, weight, b)
         y.backward(grad)
         assert (y - ref).abs().max() <= error_bound(x, weight)
         assert (xg.grad - x64.grad).abs().max() <= error_bound(grad, weight.t())
-        errors.append((rms(y - ref), rms(xg.grad - x64.grad)))
-    (mkl_y, mkl_gx), (dnn_y, dnn_gx) = errors
-    assert dnn_y <= 3 * mkl_y and dnn_gx <= 3 * mkl_gx
 
 
 def lora_model():

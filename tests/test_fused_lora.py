@@ -74,7 +74,8 @@ def test_dropout0_trajectory_equals_peft(fused_loss):
 
 def test_bf16_base_fp32_adapters_match_peft():
     """A bf16 base with fp32 adapters: same outputs and adapter gradients as PEFT (the LoRA math
-    runs in fp32 in both; bf16 rounding of the result is the same)."""
+    runs in fp32 in both on the same bf16 base outputs, so at most the summation order of an
+    fp32 matmul may differ: a few fp32 ulps; the observed difference is 0)."""
     ref, ours = pair(models.tiny_llama(0).to(torch.bfloat16), init_lora_weights=False)
     ids, labels = batch()
     grads = []
@@ -85,7 +86,7 @@ def test_bf16_base_fp32_adapters_match_peft():
         assert all(g.dtype == torch.float32 for g in grads[-1].values())
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=2e-2, atol=1e-4)
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype, layout", [(torch.float32, "contiguous"),
@@ -121,14 +122,17 @@ def test_function_matches_closed_form_with_its_mask(dtype, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masking_paths_agree(dtype):
     """The numpy masking (fp32 on CPU) and the torch one (bf16 here; CUDA) give x * keep, as a
-    new tensor in the requested dtype and in place."""
+    new tensor in the requested dtype and in place. Reference: x where kept, 0 where dropped
+    (built with torch.where, not a product), exact in either dtype."""
     x = torch.randn(64, 24).to(dtype)
     keep = torch.rand(64, 24) > 0.3
-    expected = x.float() * keep
-    assert torch.equal(lora_fn._masked(x, keep, torch.float32), expected)
-    assert torch.equal(lora_fn._masked(x, keep, dtype), (x * keep))
+    expected = torch.where(keep, x, torch.zeros((), dtype=dtype))
+    masked = lora_fn._masked(x, keep, torch.float32)
+    assert masked.dtype == torch.float32 and torch.equal(masked, expected.float())
+    masked = lora_fn._masked(x, keep, dtype)
+    assert masked.dtype == dtype and torch.equal(masked, expected)
     t = x.clone()
-    assert lora_fn._mask_(t, keep) is t and torch.equal(t, x * keep)
+    assert lora_fn._mask_(t, keep) is t and torch.equal(t, expected)
 
 
 class Tiny(nn.Module):

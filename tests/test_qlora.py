@@ -1,4 +1,4 @@
-"""QLoRA on tiny k-bit Llamas (hidden 32): interop with peft + bitsandbytes, merging, the
+"""QLoRA on tiny k-bit Llamas (hidden 64): interop with peft + bitsandbytes, merging, the
 prepare step, training in transformers' Trainer, and errors."""
 
 import contextlib
@@ -30,14 +30,21 @@ _LOADED = {}
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
+    """Every linear's in_features a multiple of the 4-bit block size (64): on AVX512 CPUs
+    bitsandbytes 0.50's native dequantization (matmul included) reads the wrong block scales
+    for rows of 32 or 96 weights, and its packed AVX512-BF16 format cannot hold them at all."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    models.tiny_llama(0, hidden_size=32, intermediate_size=64).save_pretrained(path)
+    models.tiny_llama(0, hidden_size=64, intermediate_size=128).save_pretrained(path)
     return path
 
 
 def load(base_dir, kind="nf4_dq", compute=torch.float32, dtype=torch.float32):
     """A fresh copy of the tiny Llama loaded in k-bit by transformers (quantized once per
-    setting; bitsandbytes quantizes deterministically, so copies hold the same codes)."""
+    setting; bitsandbytes quantizes deterministically, so copies hold the same codes).
+
+    Kept off bitsandbytes' packed CPU format (entered on AVX512-BF16 CPUs), as peftkit's loaders
+    keep theirs, so the results below do not depend on the CPU; tests/test_kbit.py covers the
+    packed path."""
     key = (str(base_dir), kind, compute, dtype)
     if key not in _LOADED:
         cfg = dict(KINDS[kind])
@@ -46,7 +53,7 @@ def load(base_dir, kind="nf4_dq", compute=torch.float32, dtype=torch.float32):
         _LOADED[key] = AutoModelForCausalLM.from_pretrained(
             base_dir, quantization_config=BitsAndBytesConfig(**cfg), device_map="cpu", dtype=dtype
         ).eval()
-    return copy.deepcopy(_LOADED[key])
+    return quant.avoid_cpu_packing_(copy.deepcopy(_LOADED[key]))
 
 
 def lora_kw(**kw):
@@ -116,7 +123,7 @@ def test_trainable_line_matches_peft(kind, base_dir):
         lines.append(buf.getvalue())
         counts.append(model.get_nb_trainable_parameters())
     assert lines[0] == lines[1]
-    full = sum(p.numel() for p in models.tiny_llama(0, hidden_size=32, intermediate_size=64)
+    full = sum(p.numel() for p in models.tiny_llama(0, hidden_size=64, intermediate_size=128)
                .parameters())
     trainable, total = counts[1]
     assert total == full + trainable
@@ -129,7 +136,7 @@ def test_adapter_dtype_and_output_dtype(autocast, want, base_dir, tokens):
                                 autocast_adapter_dtype=autocast)
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == want
-    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert layer(x).dtype == layer.base_layer(x).dtype == torch.bfloat16
 
 
@@ -221,7 +228,7 @@ def test_prepare_upcasts_what_it_says(upcast, base_dir):
     emb_out = model.get_input_embeddings()(torch.tensor([[3, 4]]))
     assert emb_out.requires_grad
     # the unquantized lm_head gets its own dtype's input; activations keep the model's dtype
-    norm_out = model.model.norm(torch.randn(1, 2, 32, dtype=torch.bfloat16))
+    norm_out = model.model.norm(torch.randn(1, 2, 64, dtype=torch.bfloat16))
     assert norm_out.dtype == (torch.float32 if upcast == "all" else torch.bfloat16)
     out = model(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]]))
     assert out.logits.dtype == head and torch.isfinite(out.loss)
@@ -229,22 +236,26 @@ def test_prepare_upcasts_what_it_says(upcast, base_dir):
 
 def test_fp32_norm_matches_an_fp32_computation():
     """With upcast="norms" a bf16 RMSNorm returns the fp32 norm of its input, rounded once."""
-    model = models.tiny_llama(hidden_size=32, intermediate_size=64).to(torch.bfloat16)
+    model = models.tiny_llama(hidden_size=64, intermediate_size=128).to(torch.bfloat16)
     norm = model.model.norm
     with torch.no_grad():
         norm.weight.normal_()
-    x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
     xf, w = x.float(), norm.weight.detach().float()
     expected = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * w
     peftkit.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.testing.assert_close(norm(x), expected.to(torch.bfloat16), rtol=0, atol=0)
 
 
-def test_prepare_rejects_bad_upcast_and_models_without_checkpointing():
+def test_prepare_rejects_bad_upcast_and_warns_without_checkpointing():
+    """A model without gradient checkpointing is prepared without it, with a warning (PEFT
+    skips it silently)."""
     with pytest.raises(ValueError, match="upcast"):
         peftkit.prepare_model_for_kbit_training(models.tiny_llama(), upcast="embeddings")
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        peftkit.prepare_model_for_kbit_training(torch.nn.Linear(4, 4))
+    linear = torch.nn.Linear(4, 4)
+    with pytest.warns(UserWarning, match="does not support gradient checkpointing"):
+        assert peftkit.prepare_model_for_kbit_training(linear) is linear
+    assert not linear.weight.requires_grad
 
 
 def lora_grads(model, tokens):
@@ -323,7 +334,7 @@ def test_bad_quant_type_and_non_kbit_layer():
 
 def test_weight_bytes_counts_codes_and_scales(base_dir):
     """fp32 linears are 4 bytes a weight; nf4 half a byte plus one absmax per 64 weights."""
-    full = models.tiny_llama(0, hidden_size=32, intermediate_size=64)
+    full = models.tiny_llama(0, hidden_size=64, intermediate_size=128)
     packed = load(base_dir, "nf4")
     n_lin = sum(m.weight.numel() for m in full.modules() if type(m) is torch.nn.Linear
                 and m is not full.lm_head)
@@ -339,8 +350,8 @@ def test_loftq_init_moves_the_4bit_model_towards_full_precision(base_dir, tokens
     move towards the full-precision model's."""
     from peftkit.methods.loftq import loftq_init
 
-    full = models.tiny_llama(0, hidden_size=32, intermediate_size=64)
-    pm = peftkit.get_peft_model(load(base_dir), peftkit.LoraConfig(r=8, lora_alpha=16,
+    full = models.tiny_llama(0, hidden_size=64, intermediate_size=128)
+    pm = peftkit.get_peft_model(load(base_dir), peftkit.LoraConfig(r=16, lora_alpha=32,
                                                                    target_modules="all-linear"))
     gap_before = (logits(pm, tokens) - logits(full, tokens)).norm()
     report = loftq_init(pm, full)
@@ -349,13 +360,13 @@ def test_loftq_init_moves_the_4bit_model_towards_full_precision(base_dir, tokens
         layer = pm.base_model.model.get_submodule(path)
         w = full.get_submodule(path).weight.detach()
         residual = w - quant.dequantize_weight(layer.base_layer)
-        tail = torch.linalg.svdvals(residual)[8:].norm()
+        tail = torch.linalg.svdvals(residual)[16:].norm()
         left = (residual - layer.delta_weight("default")).norm()
         torch.testing.assert_close(left, tail, rtol=1e-4, atol=1e-6)
         assert abs(left.item() - after) < 1e-4 * before and after < before
     gap_after = (logits(pm, tokens) - logits(full, tokens)).norm()
     print(f"logit gap to fp32: {gap_before:.4f} -> {gap_after:.4f}")
-    assert gap_after < 0.7 * gap_before  # 0.60 measured (r = 8 of 32)
+    assert gap_after < 0.7 * gap_before  # 0.55 measured (r = 16 of 64)
 
 
 def test_loftq_init_errors(base_dir):
@@ -372,7 +383,7 @@ def test_loftq_init_errors(base_dir):
 
 def test_weight_bytes_counts_int8_row_scales(base_dir):
     """int8: one byte a weight plus one fp32 scale per output row."""
-    full = models.tiny_llama(0, hidden_size=32, intermediate_size=64)
+    full = models.tiny_llama(0, hidden_size=64, intermediate_size=128)
     packed = load(base_dir, "int8")
     lin = [m for n, m in full.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
     n_lin, rows = sum(m.weight.numel() for m in lin), sum(m.out_features for m in lin)
@@ -381,12 +392,18 @@ def test_weight_bytes_counts_int8_row_scales(base_dir):
 
 def test_lora_branch_follows_autocast(base_dir):
     """Under autocast (bf16) the input is left to autocast, as in PEFT on GPU: the layer returns
-    the base output's dtype and the fp32 result within bf16 matmul rounding."""
+    the base output's dtype, and the LoRA branch is autocast's bf16 arithmetic, reproduced here
+    op by op outside autocast (same kernels, same dtypes: equal)."""
     layer = trained(load(base_dir)).base_model.model.model.layers[0].mlp.down_proj
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 128)
+    a, b = (w.weight.detach().bfloat16() for w in (layer.lora_A["default"],
+                                                    layer.lora_B["default"]))
     with torch.no_grad():
         full = layer(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = layer(x)
+            y = layer.base_layer(x)
+    expected = torch.addmm(y.bfloat16(), x.bfloat16() @ a.t(), b.t(),
+                           alpha=layer.scaling["default"]).float()
     assert mixed.dtype == full.dtype == torch.float32 and not torch.equal(mixed, full)
-    torch.testing.assert_close(mixed, full, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=0)

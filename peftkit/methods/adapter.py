@@ -259,7 +259,9 @@ class AdapterMethod(Method):
         m = config.bottleneck_for(hidden)
         for index in config.layer_indices(len(blocks)):
             block = blocks[index]
-            weight = next(block.parameters())
+            # the first floating weight: a k-bit block's first may be packed codes (uint8)
+            weight = next((p for p in block.parameters() if p.is_floating_point()),
+                          next(block.parameters()))
             dtype = torch.float32 if autocast_adapter_dtype or not weight.is_floating_point() \
                 else weight.dtype
             for site in VARIANTS[config.variant]:

@@ -9,6 +9,12 @@ Learned vectors rescale the activations of chosen linear layers W: (out, in):
 l starts at 1, so the model is unchanged at injection. Merging is exact: W <- W * l (rows for
 output scales, columns for input scales; an output scale also scales the bias); unmerging
 divides it out again. GPT-2's `Conv1D` stores W as (in, out), so l is transposed there.
+
+Over a bitsandbytes k-bit base (`Linear4bit`, `Linear8bitLt`) the scaling stays outside the
+quantized weight, so training and the unmerged forward are as above. Merging into it dequantizes
+W, scales it in fp32 and re-quantizes with the layer's own settings, with a warning (each weight
+moves by up to half a codebook step); `merge_and_unload(dequantize=True)` merges exactly into
+full-precision weights instead. PEFT's k-bit (IA)^3 layers cannot merge at all.
 Files are PEFT's: `base_model.model.<module path>.ia3_l` and PEFT's IA3Config keys.
 """
 
@@ -16,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import ClassVar
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .. import targets
+from .. import quant, targets
 from ..config import PeftConfig, PeftType, check, register_config
 from .base import Method, WrappedLayer, add_modules_to_save, register_method, replace_module
 
@@ -80,7 +87,8 @@ class IA3Config(PeftConfig):
 
 
 class IA3Linear(WrappedLayer):
-    """Wraps a linear layer (`nn.Linear` or `Conv1D`) with named (IA)^3 scaling vectors.
+    """Wraps a linear layer (`nn.Linear`, `Conv1D`, or a bitsandbytes k-bit linear) with named
+    (IA)^3 scaling vectors.
 
     In memory: `<path>.base_layer.weight`, `<path>.ia3_l.<name>`; x: (..., in) -> (..., out).
     """
@@ -89,8 +97,10 @@ class IA3Linear(WrappedLayer):
         super().__init__(base_layer)
         self.is_feedforward = is_feedforward
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        self.in_features, self.out_features = w.shape if self.fan_in_fan_out else w.shape[::-1]
+        # a k-bit weight is stored packed: its shape is not (out, in)
+        self.in_features, self.out_features = (
+            base_layer.weight.shape if self.fan_in_fan_out
+            else (base_layer.in_features, base_layer.out_features))
         self.ia3_l = nn.ParameterDict()
 
     def add(self, name: str, init: bool, dtype: torch.dtype) -> None:
@@ -117,14 +127,24 @@ class IA3Linear(WrappedLayer):
         l = self.ia3_l[name].detach().float()  # noqa: E741 (the paper's name)
         l = 1 / l if divide else l
         base = self.base_layer
-        weight = base.weight.data.float() * (l.T if self.fan_in_fan_out else l)
+        kbit = quant.kbit_kind(base)
+        stored = quant.dequantize_weight(base) if kbit else base.weight.data
+        weight = stored.float() * (l.T if self.fan_in_fan_out else l)
         bias = None
         if not self.is_feedforward and base.bias is not None:
             bias = base.bias.data.float() * l.flatten()
         finite = torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
         if safe and not finite:
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
-        base.weight.data.copy_(weight.to(base.weight.dtype))
+        if kbit:
+            verb = "unmerging" if divide else "merging"
+            warnings.warn(f"{verb} (IA)^3 adapter {name!r} into a {kbit} weight "
+                          "re-quantizes it: each weight moves by up to half a codebook step. Use "
+                          "merge_and_unload(dequantize=True) for an exact full-precision merge.",
+                          stacklevel=4)
+            quant.requantize_(base, weight)
+        else:
+            base.weight.data.copy_(weight.to(base.weight.dtype))
         if bias is not None:
             base.bias.data.copy_(bias.to(base.bias.dtype))
 
@@ -152,6 +172,14 @@ class IA3Linear(WrappedLayer):
         return (y * scale).to(y.dtype)
 
 
+def _adapter_dtype(base: nn.Module, autocast: bool) -> torch.dtype:
+    """fp32 (`autocast`), else the base layer's: its compute dtype over a k-bit layer."""
+    kind = quant.kbit_kind(base)
+    dtype = ((base.compute_dtype or quant.source_dtype(base)) if kind == "4bit"
+             else torch.float16 if kind == "8bit" else base.weight.dtype)
+    return torch.float32 if autocast or not dtype.is_floating_point else dtype
+
+
 class IA3Method(Method):
     config_cls = IA3Config
 
@@ -169,10 +197,8 @@ class IA3Method(Method):
                       f"{path} is a {type(layer).__name__}; (IA)^3 wraps nn.Linear and Conv1D")
                 layer = IA3Linear(layer, config.is_feedforward(path))
                 replace_module(model, path, layer)
-            dtype = layer.base_layer.weight.dtype
             layer.add(name, config.init_ia3_weights,
-                      torch.float32 if autocast_adapter_dtype or not dtype.is_floating_point
-                      else dtype)
+                      _adapter_dtype(layer.base_layer, autocast_adapter_dtype))
         config.fan_in_fan_out = any(model.get_submodule(p).fan_in_fan_out for p in paths)
         add_modules_to_save(model, config.modules_to_save, name)
 

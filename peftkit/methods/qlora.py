@@ -38,7 +38,7 @@ class KbitLoraLinear(LoraLinear):
         input dtype of bitsandbytes' int8 matmul."""
         kind = quant.kbit_kind(self.base_layer)
         if kind == "4bit":
-            return self.base_layer.compute_dtype or self.base_layer.weight.quant_state.dtype
+            return self.base_layer.compute_dtype or quant.source_dtype(self.base_layer)
         if kind == "8bit":
             return torch.float16
         return super().compute_dtype

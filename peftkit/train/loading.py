@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .. import models
+from .. import models, quant
 from ..config import PeftConfig
 from ..model import PeftModel
 
@@ -28,11 +28,15 @@ def load_tokenizer(path: str):
 
 
 def load_base(model: str | None = None, dtype: torch.dtype = torch.float32, **kwargs):
-    """(model, tokenizer) from a folder or hub id; `None` is the embedded default model."""
+    """(model, tokenizer) from a folder or hub id; `None` is the embedded default model.
+
+    A k-bit base (a `quantization_config` in `kwargs`) is kept off bitsandbytes' packed CPU
+    inference format (`quant.avoid_cpu_packing_`), so it computes the same on every CPU."""
     from transformers import AutoModelForCausalLM
 
     path = model_path(model)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    base = quant.avoid_cpu_packing_(AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                                         **kwargs))
     base.name_or_path = model or models.DEFAULT_MODEL
     return base, load_tokenizer(path)
 

@@ -69,14 +69,15 @@ def _config(cls: type[PeftConfig]):
 
 
 def qlora_model_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    """Load the base in 4-bit: bf16 compute on CUDA; fp32 on CPU, where bf16 matmuls are
-    emulated (10x slower) on processors without AVX512-BF16."""
-    from ..quant import bnb_config
+    """Load the base in 4-bit on this process's device (`quant.kbit_device_map`: LOCAL_RANK's
+    GPU under torchrun): bf16 compute on CUDA; fp32 on CPU, where bf16 matmuls are emulated
+    (10x slower) on processors without AVX512-BF16."""
+    from ..quant import bnb_config, kbit_device_map
 
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda else torch.float32
     return {"quantization_config": bnb_config(opts["quant_type"], compute_dtype=compute),
-            "device_map": {"": torch.cuda.current_device()} if cuda else "cpu"}
+            "device_map": kbit_device_map(cuda=cuda)}
 
 
 def _prepare_kbit(model):
