@@ -87,7 +87,9 @@ class PeftModel(nn.Module):
     """A transformers model with named adapters; one adapter is active at a time.
 
     Forward, `generate` and unknown attributes pass through to the wrapped model. Only the active
-    adapter's tensors are trainable (none when its config has `inference_mode=True`).
+    adapter's tensors are trainable (none when its config has `inference_mode=True`). bitsandbytes
+    4-bit layers are kept off its AVX512-BF16 CPU inference format, which has no backward
+    (`quant.avoid_cpu_packing_`).
     """
 
     # transformers' Trainer reads this to accept training a quantized base with adapters on top.
@@ -98,6 +100,7 @@ class PeftModel(nn.Module):
         super().__init__()
         self.base_model = TunedModel(model)
         model.requires_grad_(False)
+        quant.avoid_cpu_packing_(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self._autocast_adapter_dtype = autocast_adapter_dtype
