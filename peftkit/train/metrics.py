@@ -46,22 +46,31 @@ def _loss_sum(log_history: list[dict], up_to: int) -> tuple[float, int]:
     return total, last
 
 
-def run_loss(training_loss: float, global_step: int, resumed_from: str | None) -> float:
-    """The mean loss over every step of the run. transformers' `training_loss` covers only the
-    steps of this process; after a resume the checkpoint's logged losses add the steps before.
-    A checkpoint whose log stops short of its step (written without `LogAtCheckpoints`) leaves
-    the resumed steps' mean, with a warning."""
-    if not resumed_from:
-        return training_loss
-    with open(os.path.join(resumed_from, "trainer_state.json"), encoding="utf-8") as fh:
+def loss_before(checkpoint: str | None) -> tuple[float, int]:
+    """(sum of the step losses, number of steps) of the run up to `checkpoint`, read before
+    training (which may rotate the checkpoint away); (0.0, 0) without one. A checkpoint whose
+    log stops short of its step (written without `LogAtCheckpoints`) counts as none, with a
+    warning."""
+    if not checkpoint:
+        return 0.0, 0
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
         state = json.load(fh)
-    before, covered = _loss_sum(state["log_history"], state["global_step"])
+    total, covered = _loss_sum(state["log_history"], state["global_step"])
     if covered != state["global_step"]:
-        print(f"peftkit train: warning: train_loss covers steps {state['global_step'] + 1}-"
-              f"{global_step} only ({resumed_from} has no loss logged for steps "
-              f"{covered + 1}-{state['global_step']})", file=sys.stderr, flush=True)
+        print(f"peftkit train: warning: train_loss will cover the resumed steps only "
+              f"({checkpoint} has no loss logged for steps {covered + 1}-"
+              f"{state['global_step']})", file=sys.stderr, flush=True)
+        return 0.0, 0
+    return total, covered
+
+
+def run_loss(training_loss: float, global_step: int, before: tuple[float, int]) -> float:
+    """The mean loss over every step of the run: transformers' `training_loss` covers only the
+    steps of this process, `before` (from `loss_before`) the steps before a resume."""
+    total, steps = before
+    if not steps:
         return training_loss
-    return (before + training_loss * (global_step - covered)) / global_step
+    return (total + training_loss * (global_step - steps)) / global_step
 
 
 def draw_loss_curve(output_dir: str) -> None:

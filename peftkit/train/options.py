@@ -161,17 +161,14 @@ def _typed(value: Any, spec: dict[str, Any]) -> Any:
     if spec.get("const") is True and isinstance(value, bool):  # --resume [CHECKPOINT]
         return value or None
     parse = spec.get("type")
-    numeric = getattr(parse, "__name__", None) in ("int", "float")
+    numeric = getattr(parse, "__name__", None) in ("int", "float")  # a `ranges.number` parser
     if parse is methods.csv_list and isinstance(value, list):
         if not all(isinstance(v, str) for v in value):
             raise argparse.ArgumentTypeError(f"expected a list of names, got {value!r}")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and numeric:
-        value = parse(value)
-    elif isinstance(value, str):
+    elif numeric or isinstance(value, str):
         value = parse(value) if parse else value
     else:
-        kind = "a number" if numeric else "a string"
-        raise argparse.ArgumentTypeError(f"expected {kind}, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a string, got {value!r}")
     if "choices" in spec and value not in spec["choices"]:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(spec['choices'])}, got "
                                          f"{value!r}")

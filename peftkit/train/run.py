@@ -20,7 +20,7 @@ from ..model import PeftModel, get_peft_model
 from . import inputs, loading, methods, options
 from .examples import Collator, load_examples, pack
 from .metrics import METRICS, JsonlLogger, LogAtCheckpoints, available_report_to, \
-    draw_loss_curve, run_loss
+    draw_loss_curve, loss_before, run_loss
 from .trainer import AdapterTrainer, is_complete, last_complete_checkpoint
 
 SUMMARY = "run_summary.json"
@@ -147,6 +147,7 @@ def train(args: argparse.Namespace) -> dict:
     resume = check_output_dir(args)
     if resume:
         inputs.check_checkpoint(resume)
+    resumed_loss = loss_before(resume)
     inputs.check_model(args.model)
     args.report_to = available_report_to(args.report_to)
     config = spec.config({**method_opts, "tokenizer_name_or_path": loading.model_path(args.model)})
@@ -191,7 +192,8 @@ def train(args: argparse.Namespace) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - started
     peak_memory = memory.read()
-    metrics = {"train_loss": run_loss(result.training_loss, trainer.state.global_step, resume)}
+    metrics = {"train_loss": run_loss(result.training_loss, trainer.state.global_step,
+                                        resumed_loss)}
     if eval_rows is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items()
                         if k in ("eval_loss", "epoch")})
