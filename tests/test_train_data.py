@@ -137,7 +137,8 @@ def test_packing_keeps_each_example_separate(tok):
 def test_packing_masks_each_examples_first_label():
     """A target as an example's first token would be learned from the previous example's last
     token; packing masks it (as DataCollatorWithFlattening does) and keeps every other label."""
-    examples = [{"input_ids": [7, 8], "labels": [7, 8]}, {"input_ids": [9, 10], "labels": [9, 10]},
+    examples = [{"input_ids": [7, 8], "labels": [7, 8]},
+                {"input_ids": [9, 10], "labels": [9, 10]},
                 {"input_ids": [11], "labels": [IGNORE]}]
     packed = pack(examples, max_length=8)
     assert packed == [{"input_ids": [7, 8, 9, 10, 11], "labels": [IGNORE, 8, IGNORE, 10, IGNORE],

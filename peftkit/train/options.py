@@ -78,7 +78,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
          help="seed for initialization and data order")
     _add(t, "--logging-steps", 10, type=positive_int, help="log the loss every N steps")
     _add(t, "--eval-steps", type=positive_int, help="evaluate every N steps (default: each epoch)")
-    _add(t, "--save-steps", type=positive_int, help="checkpoint every N steps (default: each epoch)")
+    _add(t, "--save-steps", type=positive_int,
+         help="checkpoint every N steps (default: each epoch)")
     _add(t, "--save-total-limit", 2, type=positive_int, help="checkpoints kept")
     _add(t, "--report-to", "none", choices=list(REPORT_TO),
          help="send the training logs to this tracker too (its package must be installed)")
