@@ -1,8 +1,10 @@
-"""`peftkit train` end to end: options -> model + method -> data -> Trainer -> adapter + summary.
+"""`peftkit train` end to end: options -> inputs checked (data tokenized, checkpoint read) ->
+model + method -> Trainer -> adapter + summary -> optional extras.
 
 Files in the output directory: the adapter (PEFT layout) or, for `--method full`, the whole
-model; the tokenizer; `checkpoint-N/` folders; `metrics.jsonl`; `loss_curve.png`;
-`run_summary.json`. Under torchrun every rank trains and only rank 0 writes.
+model; the tokenizer; `checkpoint-N/` folders; `metrics.jsonl`; `run_summary.json`; then
+`loss_curve.png` when matplotlib is installed. Under torchrun every rank trains and only rank 0
+writes.
 """
 
 from __future__ import annotations
@@ -141,13 +143,10 @@ def train(args: argparse.Namespace) -> dict:
     written to run_summary.json)."""
     from transformers import set_seed
 
-    # Every input is read and checked before the model loads (a bad one costs seconds).
+    # Every input is read and checked before the output dir is claimed and before the model
+    # loads, so a bad one costs seconds and changes nothing.
     spec, method_opts = methods.resolve(args.method, options.method_options(args))
     inputs.check_output_path(args.output_dir)
-    resume = check_output_dir(args)
-    if resume:
-        inputs.check_checkpoint(resume)
-    resumed_loss = loss_before(resume)
     inputs.check_model(args.model)
     args.report_to = available_report_to(args.report_to)
     config = spec.config({**method_opts, "tokenizer_name_or_path": loading.model_path(args.model)})
@@ -161,6 +160,13 @@ def train(args: argparse.Namespace) -> dict:
         eval_rows, notes = eval_data.examples, notes + eval_data.notes
     elif args.eval_split:
         train_rows, eval_rows = _split(data, args.eval_split, args.seed)
+    if args.packing:
+        train_rows = pack(train_rows, args.max_length)
+        notes.append(f"packed {len(data.examples)} rows into {len(train_rows)} sequences")
+    resume = check_output_dir(args)
+    if resume:
+        inputs.check_checkpoint(resume)
+    resumed_loss = loss_before(resume)
 
     set_seed(args.seed)
     model = loading.load_model(args.model, **spec.model_kwargs(method_opts))
@@ -170,10 +176,6 @@ def train(args: argparse.Namespace) -> dict:
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         model = get_peft_model(model, config)
-
-    if args.packing:
-        train_rows = pack(train_rows, args.max_length)
-        notes.append(f"packed {len(data.examples)} rows into {len(train_rows)} sequences")
 
     training_args = _training_arguments(args, eval_rows is not None)
     if training_args.should_save:
