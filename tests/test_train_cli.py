@@ -2,8 +2,9 @@
 bad-input case of the train command."""
 
 import json
-import re
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -44,6 +45,26 @@ def train_args(model_dir, data, out, *extra):
             *extra]
 
 
+def greedy_exact_match(where: list[str], data: str, max_new_tokens: int) -> float:
+    """Exact match recomputed row by row: one unpadded greedy generation per prompt."""
+    from peftkit.train.loading import load_for_inference
+
+    adapter, model = (where[1], None) if where[0] == "--adapter" else (None, where[1])
+    model, tokenizer = load_for_inference(adapter, model)
+    rows = [json.loads(line) for line in open(data)]
+    hits = 0
+    for row in rows:
+        ids = torch.tensor([tokenizer(row["prompt"])["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        hits += answer.strip() == row["completion"]
+    return hits / len(rows)
+
+
 @pytest.mark.parametrize("method", sorted(methods.METHODS))
 def test_train_save_eval_generate_merge(method, model_dir, data, tmp_path, capsys):
     out = str(tmp_path / "run")
@@ -64,7 +85,8 @@ def test_train_save_eval_generate_merge(method, model_dir, data, tmp_path, capsy
     rc, stdout, err = run(capsys, "eval", *where, "--data", data, "--json", "--max-new-tokens", 4)
     assert rc == 0, err
     result = json.loads(stdout)
-    assert result["n"] == 16 and 0 <= result["exact_match"] <= 1 and result["loss"] > 0
+    assert result["n"] == 16 and result["loss"] > 0
+    assert result["exact_match"] == greedy_exact_match(where, data, max_new_tokens=4)
     rc, _, err = run(capsys, "generate", *where, "--prompt", "1+2=", "--raw",
                      "--max-new-tokens", 3)
     assert rc == 0, err
@@ -166,6 +188,24 @@ def test_resume_after_interrupted_save_matches_uninterrupted_run(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_resumed_run_reports_the_train_loss_of_the_whole_run(model_dir, data, tmp_path, capsys):
+    """Checkpoints every 3 steps, loss logged every 4: a run resumed from checkpoint-3 reports
+    the mean loss of all 6 steps, as the uninterrupted run does (transformers' own
+    `training_loss` covers only the resumed steps 4-6)."""
+    common = ["--max-steps", 6, "--save-steps", 3, "--logging-steps", 4, "--seed", 5]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(capsys, *train_args(model_dir, data, straight, *common))[0] == 0
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    rc, _, err = run(capsys, *train_args(model_dir, data, resumed, *common, "--resume"))
+    assert rc == 0, err
+    first, second = (json.load(open(folder / "run_summary.json"))["final_metrics"]["train_loss"]
+                     for folder in (straight, resumed))
+    assert second == pytest.approx(first, rel=1e-6, abs=0)
+    state = json.load(open(straight / "checkpoint-3" / "trainer_state.json"))
+    steps_1_to_3 = [r["loss"] for r in state["log_history"] if "loss" in r]
+    assert len(steps_1_to_3) == 1 and steps_1_to_3[0] != pytest.approx(first, rel=1e-3)
 
 
 @pytest.mark.parametrize("method, fused", [("lora", True), ("full", True), ("prompt", False)])

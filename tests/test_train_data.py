@@ -134,6 +134,17 @@ def test_packing_keeps_each_example_separate(tok):
             torch.testing.assert_close(packed_logits[row, start:start + n], alone)
 
 
+def test_packing_masks_each_examples_first_label():
+    """A target as an example's first token would be learned from the previous example's last
+    token; packing masks it (as DataCollatorWithFlattening does) and keeps every other label."""
+    examples = [{"input_ids": [7, 8], "labels": [7, 8]},
+                {"input_ids": [9, 10], "labels": [9, 10]},
+                {"input_ids": [11], "labels": [IGNORE]}]
+    packed = pack(examples, max_length=8)
+    assert packed == [{"input_ids": [7, 8, 9, 10, 11], "labels": [IGNORE, 8, IGNORE, 10, IGNORE],
+                       "position_ids": [0, 1, 0, 1, 0]}]
+
+
 def test_collator_pads_ids_labels_and_mask():
     batch = Collator(pad_id=1)([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]},
                                 {"input_ids": [8], "labels": [8]}])

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_model_arguments, user_errors
+from ..errors import UserError
+from .common import add_model_arguments
 from .generate import add_sampling_arguments, complete, prompt_ids
 
 
@@ -17,13 +18,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
-@user_errors
 def _run(args) -> int:
     from ..train.loading import load_for_inference
 
     model, tokenizer = load_for_inference(args.adapter, args.model)
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("this tokenizer has no chat template; use `peftkit generate --raw`")
+        raise UserError("this tokenizer has no chat template; use `peftkit generate --raw`")
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     interactive = sys.stdin.isatty()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from ..experiments import options
 from ..train import methods
-from .common import user_errors
 
 
 def register(subparsers) -> None:
@@ -21,7 +20,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
-@user_errors
 def _run(args) -> int:
     from ..experiments.experiment import run_experiment
     from ..experiments.runs import ZERO_SHOT, Run

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 
-from .common import add_model_arguments, user_errors
+from ..train.ranges import positive_int
+from .common import add_model_arguments
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="exact match and loss on a data file")
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="data file in any format `peftkit train` reads")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=None, help="truncate rows (tokens)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per generation batch")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--max-length", type=positive_int, default=None, help="truncate rows (tokens)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="evaluate the first N rows only")
     p.add_argument("--quantize", choices=["nf4", "fp4"],
                    help="load the base in 4-bit (as a QLoRA adapter was trained)")
     p.add_argument("--show", type=int, default=0, help="print N (prompt, expected, got) rows")
@@ -23,12 +25,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
-@user_errors
 def _run(args) -> int:
     from ..train.evaluate import evaluate
+    from ..train.examples import check_data
     from ..train.loading import load_for_inference
     from ..train.methods import qlora_model_kwargs
 
+    check_data(args.data)  # before the model loads
     load_kwargs = qlora_model_kwargs({"quant_type": args.quantize}) if args.quantize else {}
     model, tokenizer = load_for_inference(args.adapter, args.model, **load_kwargs)
     result = evaluate(model, tokenizer, args.data, args.batch_size, args.max_new_tokens,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .common import add_model_arguments, user_errors
+from ..train.ranges import non_negative_float, non_negative_int, positive_int
+from .common import add_model_arguments
 
 
 def add_sampling_arguments(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
 
 
 def register(subparsers) -> None:
@@ -46,7 +47,6 @@ def prompt_ids(tokenizer, messages: list[dict] | str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-@user_errors
 def _run(args) -> int:
     from ..train.loading import load_for_inference
 

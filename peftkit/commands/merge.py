@@ -13,7 +13,6 @@ import os
 import torch
 
 from ..train.methods import qlora_model_kwargs
-from .common import user_errors
 
 PROBE = "Merging must not change what the model computes."
 
@@ -63,7 +62,6 @@ def compute_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
     return dtypes
 
 
-@user_errors
 def _run(args) -> int:
     from .. import outdir
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from ..experiments import options
-from .common import user_errors
 
 BUDGET = ("max_steps", "batch_size", "grad_accum", "max_length", "seed")
 
@@ -43,7 +42,6 @@ def _reference_rows(path: str, setup) -> list[dict]:
     return rows
 
 
-@user_errors
 def _run(args) -> int:
     from ..experiments.experiment import run_experiment
     from ..experiments.runs import ZERO_SHOT, Run

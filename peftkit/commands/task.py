@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 
-from .common import user_errors
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("task", help="write a generated task's train.jsonl and test.jsonl")
@@ -18,7 +16,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
-@user_errors
 def _run(args) -> int:
     from .. import tasks
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..train import methods, options
-from .common import user_errors
 
 
 def register(subparsers) -> None:
@@ -15,7 +14,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
-@user_errors
 def _run(args) -> int:
     from ..train.run import train
 

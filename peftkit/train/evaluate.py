@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .examples import IGNORE, Collator, load_examples, prompt_ids
+from .examples import IGNORE, Collator, Encoded, load_examples, prompt_ids
 
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -45,7 +45,13 @@ def mean_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
 def evaluate(model, tokenizer, path: str, batch_size: int = 16, max_new_tokens: int = 64,
              max_length: int | None = None, limit: int | None = None) -> dict:
     """{"exact_match", "loss", "n", "predictions": [(prompt, answer, prediction), ...]}."""
-    data = load_examples(path, tokenizer, max_length)
+    return evaluate_examples(model, tokenizer, load_examples(path, tokenizer, max_length),
+                             batch_size, max_new_tokens, limit)
+
+
+def evaluate_examples(model, tokenizer, data: Encoded, batch_size: int = 16,
+                      max_new_tokens: int = 64, limit: int | None = None) -> dict:
+    """`evaluate` on data already loaded (`peftkit train` loads --test-data before training)."""
     samples, examples = data.samples[:limit], data.examples[:limit]
     predictions = []
     for i in range(0, len(samples), batch_size):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import Sample, detect_format, to_sample
+from .formats import Sample, check_fields, detect_format, to_sample
 from .rows import DataError, read_rows
 
 IGNORE = -100
@@ -54,6 +54,14 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def check_data(path: str) -> None:
+    """Read `path` and check every row's fields, without a tokenizer (before a model loads)."""
+    rows = read_rows(path)
+    fmt = detect_format(rows[0])
+    for row in rows:
+        check_fields(row, fmt)
+
+
 def load_examples(path: str, tokenizer, max_length: int | None = None) -> Encoded:
     """Read, format-check, tokenize and truncate every row of `path`."""
     rows = read_rows(path)
@@ -85,7 +93,9 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
     """Concatenate whole examples, in order, into sequences of at most `max_length` tokens.
 
     Each packed sequence carries `position_ids` that restart at 0 for every example; the collator
-    turns them into a block-diagonal causal mask, so attention does not cross examples."""
+    turns them into a block-diagonal causal mask, so attention does not cross examples. The first
+    label of each example is masked, as in transformers' `DataCollatorWithFlattening`: the loss
+    would otherwise predict it from the previous example's last token."""
     packed: list[dict[str, list[int]]] = []
     current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
     for ex in examples:
@@ -94,7 +104,7 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
             packed.append(current)
             current = {"input_ids": [], "labels": [], "position_ids": []}
         current["input_ids"] += ex["input_ids"]
-        current["labels"] += ex["labels"]
+        current["labels"] += [IGNORE] + ex["labels"][1:]
         current["position_ids"] += list(range(n))
     if current["input_ids"]:
         packed.append(current)

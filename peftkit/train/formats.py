@@ -61,11 +61,22 @@ def detect_format(row: Row) -> str:
                     f"{ACCEPTED}")
 
 
-def to_sample(row: Row, fmt: str, tokenizer) -> Sample:
+def check_fields(row: Row, fmt: str) -> None:
+    """Raise `DataError` unless `row` holds the fields of format `fmt`, with the right types.
+    Needs no tokenizer, so data is checked before a model loads."""
     for field in FORMATS[fmt]:
         if field not in row.data or row.data[field] is None:
             raise DataError(f"{row.where}: missing field {field!r} of the {fmt} format. "
                             f"Accepted formats: {ACCEPTED}")
+    if fmt == "chat":
+        _assistant_turns(row)
+    else:
+        for field in FORMATS[fmt]:
+            _text(row, field)
+
+
+def to_sample(row: Row, fmt: str, tokenizer) -> Sample:
+    check_fields(row, fmt)
     if fmt == "chat":
         return _chat(row, tokenizer)
     if fmt == "alpaca":
@@ -87,7 +98,8 @@ def _text(row: Row, field: str) -> str:
     return value
 
 
-def _chat(row: Row, tokenizer) -> Sample:
+def _assistant_turns(row: Row) -> list[int]:
+    """Indices of the assistant messages of a chat row (at least one)."""
     messages = row.data["messages"]
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
@@ -97,6 +109,11 @@ def _chat(row: Row, tokenizer) -> Sample:
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise DataError(f"{row.where}: the conversation has no assistant message to train on")
+    return turns
+
+
+def _chat(row: Row, tokenizer) -> Sample:
+    messages, turns = row.data["messages"], _assistant_turns(row)
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{row.where}: chat rows need a tokenizer with a chat template; this "
                         "model's tokenizer has none (use the prompt/completion format)")

@@ -8,8 +8,8 @@ import os
 import torch
 
 from .. import models, quant
-from ..config import PeftConfig
 from ..model import PeftModel
+from . import inputs
 
 
 def model_path(model: str | None) -> str:
@@ -27,28 +27,34 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_base(model: str | None = None, dtype: torch.dtype = torch.float32, **kwargs):
-    """(model, tokenizer) from a folder or hub id; `None` is the embedded default model.
-
-    A k-bit base (a `quantization_config` in `kwargs`) is kept off bitsandbytes' packed CPU
-    inference format (`quant.avoid_cpu_packing_`), so it computes the same on every CPU."""
+def load_model(model: str | None = None, dtype: torch.dtype = torch.float32, **kwargs):
+    """The model from a folder or hub id; `None` is the embedded default model. A k-bit base (a
+    `quantization_config` in `kwargs`) is kept off bitsandbytes' packed CPU inference format
+    (`quant.avoid_cpu_packing_`), so it computes the same on every CPU."""
     from transformers import AutoModelForCausalLM
 
-    path = model_path(model)
-    base = quant.avoid_cpu_packing_(AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                                         **kwargs))
+    base = quant.avoid_cpu_packing_(
+        AutoModelForCausalLM.from_pretrained(model_path(model), dtype=dtype, **kwargs))
     base.name_or_path = model or models.DEFAULT_MODEL
-    return base, load_tokenizer(path)
+    return base
+
+
+def load_base(model: str | None = None, dtype: torch.dtype = torch.float32, **kwargs):
+    """(model, tokenizer) from a folder or hub id; `None` is the embedded default model."""
+    return load_model(model, dtype, **kwargs), load_tokenizer(model_path(model))
 
 
 def load_for_inference(adapter: str | None = None, model: str | None = None, **load_kwargs):
     """(model in eval mode, tokenizer). With `adapter`, the base is `model` or else the one named
     in its adapter_config.json; the tokenizer saved next to the adapter wins when there is one.
-    `load_kwargs` go to `from_pretrained` (e.g. a 4-bit quantization_config)."""
+    `load_kwargs` go to `from_pretrained` (e.g. a 4-bit quantization_config). The adapter's
+    files and the model's name are checked before the model loads."""
     if adapter is None:
+        inputs.check_model(model)
         base, tokenizer = load_base(model, **load_kwargs)
         return base.eval(), tokenizer
-    config = PeftConfig.from_pretrained(adapter)
+    config = inputs.adapter_config(adapter)
+    inputs.check_model(model or config.base_model_name_or_path)
     base, tokenizer = load_base(model or config.base_model_name_or_path, **load_kwargs)
     if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
         tokenizer = load_tokenizer(adapter)

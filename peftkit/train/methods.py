@@ -17,18 +17,19 @@ from ..config import PeftConfig, TaskType
 from ..methods.adapter import AdapterConfig
 from ..methods.lora import LoraConfig
 from ..methods.prompt import PromptTuningConfig
+from .ranges import fraction, positive_float, positive_int
 
 
-def _csv(text: str) -> list[str] | str:
+def csv_list(text: str) -> list[str] | str:
     """`q_proj,v_proj` -> a list; `all-linear` stays a string (PEFT's keyword)."""
     return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
 
 
 LORA_FLAGS: dict[str, dict[str, Any]] = {
-    "r": dict(type=int, default=8, help="LoRA rank"),
-    "lora_alpha": dict(type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)"),
-    "lora_dropout": dict(type=float, default=0.05, help="dropout on the LoRA branch"),
-    "target_modules": dict(type=_csv, default=None,
+    "r": dict(type=positive_int, default=8, help="LoRA rank"),
+    "lora_alpha": dict(type=positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)"),
+    "lora_dropout": dict(type=fraction, default=0.05, help="dropout on the LoRA branch"),
+    "target_modules": dict(type=csv_list, default=None,
                            help="comma-separated module names, or all-linear (default: the "
                                 "model type's PEFT default, q_proj,v_proj for Llama)"),
     "use_rslora": dict(action="store_true", default=False, help="rsLoRA scaling alpha/sqrt(r)"),
@@ -44,14 +45,14 @@ QLORA_FLAGS: dict[str, dict[str, Any]] = {
 ADAPTER_FLAGS: dict[str, dict[str, Any]] = {
     "variant": dict(default="houlsby", choices=["houlsby", "pfeiffer"],
                     help="houlsby: after attention and MLP; pfeiffer: after the MLP only"),
-    "reduction_factor": dict(type=float, default=16.0,
+    "reduction_factor": dict(type=positive_float, default=16.0,
                              help="bottleneck size = hidden size / reduction factor"),
     "non_linearity": dict(default="relu", choices=["relu", "gelu", "silu"],
                           help="activation inside the bottleneck"),
 }
 
 PROMPT_FLAGS: dict[str, dict[str, Any]] = {
-    "num_virtual_tokens": dict(type=int, default=20, help="soft prompt length"),
+    "num_virtual_tokens": dict(type=positive_int, default=20, help="soft prompt length"),
     "prompt_tuning_init": dict(default="RANDOM", choices=["RANDOM", "TEXT", "SAMPLE_VOCAB"],
                                help="how the soft prompt starts"),
     "prompt_tuning_init_text": dict(default=None, help="text whose embeddings start the prompt "

@@ -8,13 +8,17 @@ list under a single key), CSV (`.csv`), Parquet (`.parquet`) and a folder writte
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UserError, require
+from .inputs import read_text
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad training/eval data; the message names the file and the line or row."""
 
 
@@ -47,23 +51,20 @@ def read_rows(path: str) -> list[Row]:
 
 def _read_jsonl(path: str) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(Row(json.loads(line), f"{path}:{number}"))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: malformed JSON ({err.msg} at column "
-                                f"{err.colno})") from None
+    for number, line in enumerate(read_text(path, "data").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(Row(json.loads(line), f"{path}:{number}"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: malformed JSON ({err.msg} at column "
+                            f"{err.colno})") from None
     return rows
 
 
 def _read_json(path: str) -> list[Row]:
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
     try:
-        data = json.loads(text)
+        data = json.loads(read_text(path, "data"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column "
                         f"{err.colno})") from None
@@ -76,31 +77,28 @@ def _read_json(path: str) -> list[Row]:
 
 def _read_csv(path: str) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        for record in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in record or any(v is None for v in record.values()):
-                raise DataError(f"{where}: malformed CSV row (its number of fields differs "
-                                f"from the header's {len(reader.fieldnames or [])})")
-            rows.append(Row(record, where))
+    reader = csv.DictReader(io.StringIO(read_text(path, "data"), newline=""))
+    for record in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in record or any(v is None for v in record.values()):
+            raise DataError(f"{where}: malformed CSV row (its number of fields differs "
+                            f"from the header's {len(reader.fieldnames or [])})")
+        rows.append(Row(record, where))
     return rows
 
 
 def _read_parquet(path: str) -> list[Row]:
-    from datasets import Dataset
-
+    Dataset = require("datasets", "train", "Reading .parquet data").Dataset
     return [Row(r, f"{path}: row {i}") for i, r in enumerate(Dataset.from_parquet(path))]
 
 
 def _read_datasets_dir(path: str) -> list[Row]:
-    from datasets import DatasetDict, load_from_disk
-
+    datasets = require("datasets", "train", "Reading a saved `datasets` folder")
     try:
-        ds = load_from_disk(path)
+        ds = datasets.load_from_disk(path)
     except FileNotFoundError as err:
         raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({err})") from None
-    if isinstance(ds, DatasetDict):
+    if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: a DatasetDict without a 'train' split ({list(ds)})")
         ds = ds["train"]

@@ -1,8 +1,10 @@
-"""`peftkit train` end to end: options -> model + method -> data -> Trainer -> adapter + summary.
+"""`peftkit train` end to end: options -> inputs checked (data tokenized, checkpoint read) ->
+model + method -> Trainer -> adapter + summary -> optional extras.
 
 Files in the output directory: the adapter (PEFT layout) or, for `--method full`, the whole
-model; the tokenizer; `checkpoint-N/` folders; `metrics.jsonl`; `loss_curve.png`;
-`run_summary.json`. Under torchrun every rank trains and only rank 0 writes.
+model; the tokenizer; `checkpoint-N/` folders; `metrics.jsonl`; `run_summary.json`; then
+`loss_curve.png` when matplotlib is installed. Under torchrun every rank trains and only rank 0
+writes.
 
 The output dir belongs to one run at a time (`outdir.claim`, held by rank 0). `--overwrite`
 moves the previous run's files aside (`outdir.move_aside`); they are deleted after this run's
@@ -25,9 +27,10 @@ from transformers import TrainerCallback
 from .. import outdir
 from ..checkpoint import atomic_write_text
 from ..model import PeftModel, get_peft_model
-from . import loading, methods, options
+from . import inputs, loading, methods, options
 from .examples import Collator, load_examples, pack
-from .metrics import JsonlLogger
+from .metrics import JsonlLogger, LogAtCheckpoints, available_report_to, draw_loss_curve, \
+    loss_before, run_loss
 from .trainer import AdapterTrainer, is_complete, last_complete_checkpoint
 
 SUMMARY = "run_summary.json"
@@ -130,7 +133,7 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool):
         save_total_limit=args.save_total_limit,
         label_names=["labels"],
         remove_unused_columns=False,
-        report_to="none",
+        report_to=args.report_to,
         # Without an accelerator, accelerate must be told CPU to run torchrun ranks as DDP (gloo).
         use_cpu=not torch.accelerator.is_available(),
         dataloader_pin_memory=torch.accelerator.is_available(),
@@ -175,35 +178,43 @@ class PeakMemory:
 
 @holding_output_dir
 def train(args: argparse.Namespace) -> dict:
-    """Run training as `args` says; return the run summary (also written to run_summary.json)."""
+    """Run training as `args` (checked by `options.resolve`) says; return the run summary (also
+    written to run_summary.json)."""
     from transformers import set_seed
 
-    for name in options.REQUIRED:
-        if not getattr(args, name):
-            raise ValueError(f"--{name.replace('_', '-')} is required (flag or --config key)")
+    # Every input is read and checked before the output dir is claimed and before the model
+    # loads, so a bad one costs seconds and changes nothing.
     spec, method_opts = methods.resolve(args.method, options.method_options(args))
-    resume = check_output_dir(args)
-    set_seed(args.seed)
-    model, tokenizer = loading.load_base(args.model, **spec.model_kwargs(method_opts))
-    if spec.prepare is not None:
-        model = spec.prepare(model)
+    inputs.check_output_path(args.output_dir)
+    inputs.check_model(args.model)
+    args.report_to = available_report_to(args.report_to)
     config = spec.config({**method_opts, "tokenizer_name_or_path": loading.model_path(args.model)})
-    if config is not None:
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = get_peft_model(model, config)
-
+    tokenizer = loading.load_tokenizer(loading.model_path(args.model))
     data = load_examples(args.data, tokenizer, args.max_length)
-    notes = list(data.notes)
+    eval_data, test_data = (load_examples(path, tokenizer, args.max_length) if path else None
+                            for path in (args.eval_data, args.test_data))
     train_rows, eval_rows = data.examples, None
-    if args.eval_data:
-        eval_data = load_examples(args.eval_data, tokenizer, args.max_length)
+    notes = list(data.notes)
+    if eval_data:
         eval_rows, notes = eval_data.examples, notes + eval_data.notes
     elif args.eval_split:
         train_rows, eval_rows = _split(data, args.eval_split, args.seed)
     if args.packing:
         train_rows = pack(train_rows, args.max_length)
         notes.append(f"packed {len(data.examples)} rows into {len(train_rows)} sequences")
+    resume = check_output_dir(args)
+    if resume:
+        inputs.check_checkpoint(resume)
+    resumed_loss = loss_before(resume)
+
+    set_seed(args.seed)
+    model = loading.load_model(args.model, **spec.model_kwargs(method_opts))
+    if spec.prepare is not None:
+        model = spec.prepare(model)
+    if config is not None:
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, config)
 
     training_args = _training_arguments(args, eval_rows is not None)
     if training_args.should_save:
@@ -212,7 +223,8 @@ def train(args: argparse.Namespace) -> dict:
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=[JsonlLogger(args.output_dir), DropReplaced()], fused_loss=args.fused_loss,
+        callbacks=[JsonlLogger(args.output_dir), LogAtCheckpoints(), DropReplaced()],
+        fused_loss=args.fused_loss,
     )
     memory = PeakMemory()
     memory.start()
@@ -220,13 +232,14 @@ def train(args: argparse.Namespace) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - started
     peak_memory = memory.read()
-    metrics = {"train_loss": result.training_loss}
+    metrics = {"train_loss": run_loss(result.training_loss, trainer.state.global_step,
+                                        resumed_loss)}
     if eval_rows is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items()
                         if k in ("eval_loss", "epoch")})
     trainer.save_model(args.output_dir)
-    if args.test_data and trainer.is_world_process_zero():
-        metrics.update(_test_metrics(model.eval(), tokenizer, args))
+    if test_data and trainer.is_world_process_zero():
+        metrics.update(_test_metrics(model.eval(), tokenizer, test_data, args))
 
     trainable, total = _count_parameters(model)
     summary = {
@@ -244,14 +257,15 @@ def train(args: argparse.Namespace) -> dict:
                           json.dumps(summary, indent=2) + "\n")
         outdir.drop_replaced(args.output_dir)
         print(format_summary(summary), flush=True)
+        draw_loss_curve(args.output_dir)  # optional, so only after the run is saved
     return summary
 
 
-def _test_metrics(model, tokenizer, args: argparse.Namespace) -> dict:
-    from .evaluate import evaluate
+def _test_metrics(model, tokenizer, data, args: argparse.Namespace) -> dict:
+    from .evaluate import evaluate_examples
 
-    result = evaluate(model, tokenizer, args.test_data, args.eval_batch_size or args.batch_size,
-                      args.max_new_tokens, args.max_length)
+    result = evaluate_examples(model, tokenizer, data, args.eval_batch_size or args.batch_size,
+                               args.max_new_tokens)
     return {"test_exact_match": result["exact_match"], "test_loss": result["loss"],
             "test_rows": result["n"]}
 
