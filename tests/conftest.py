@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from peftkit import models
+from train_fixtures import tiny_model_dir
 
 torch.set_num_threads(2)
 
@@ -67,3 +70,18 @@ def trainer_changes(model, output_dir) -> tuple[set, set]:
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, 64, (2, 7), generator=g)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and its character tokenizer saved in a folder, for CLI tests."""
+    return tiny_model_dir(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """16 prompt/completion rows (`a+b=` -> the sum) as JSONL."""
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for b in range(4)]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

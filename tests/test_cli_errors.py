@@ -2,7 +2,6 @@
 `peftkit <command>: error: <file>[:line]: <what is wrong>; <what to do>` with exit status 2, no
 traceback; `--debug` shows the traceback (issue 20, items 5-7)."""
 
-import json
 import os
 import shutil
 
@@ -12,20 +11,6 @@ import torch
 from peftkit import cli
 from peftkit.errors import UserError
 from peftkit.train import loading
-from train_fixtures import tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"{a}+1=", "completion": str(a + 1)}) + "\n"
-                            for a in range(8)))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

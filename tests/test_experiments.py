@@ -13,15 +13,9 @@ from peftkit import tasks
 from peftkit.cli import main
 from peftkit.experiments import report
 from peftkit.experiments.runs import Setup
-from train_fixtures import tiny_model_dir
 
 SMOKE = ["--task", "arithmetic", "--n-train", "24", "--n-test", "6", "--max-steps", "2",
          "--batch-size", "4", "--max-length", "128"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.mark.parametrize("name", list(tasks.TASKS))

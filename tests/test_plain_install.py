@@ -11,23 +11,9 @@ import pytest
 
 from peftkit import cli
 from peftkit.train import loading, options, run
-from train_fixtures import tiny_model_dir
 
 # The packages a plain install lacks, and the trackers --report-to may name.
 ABSENT = ("datasets", "matplotlib", "tensorboard", "tensorboardX", "wandb", "trackio")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"{a}+1=", "completion": str(a + 1)}) + "\n"
-                            for a in range(8)))
-    return str(path)
 
 
 def train_argv(model_dir, data, out, *extra):

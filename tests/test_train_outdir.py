@@ -17,7 +17,7 @@ from peftkit import cli, outdir
 from peftkit.train import run as train_run
 from peftkit.train.trainer import AdapterTrainer
 from test_outdir import hold, kill9, tree
-from test_train_cli import data, model_dir, run, train_args  # noqa: F401 (fixtures)
+from test_train_cli import run, train_args
 
 
 def wait_for_holder(out, pid, timeout=120):
