@@ -23,6 +23,9 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    import threading
+
+    from ..ui import plan
     from ..ui.server import make_server
 
     try:
@@ -34,6 +37,7 @@ def _run(args) -> int:
     query = "/?token=" + quote(args.token) if args.token else "/"
     print(f"peftkit ui: serving {os.path.abspath(args.runs_dir)} at http://{shown}:{port}{query}"
           " (Ctrl-C stops the server; runs keep going)", flush=True)
+    threading.Thread(target=plan.warm_up, daemon=True).start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,8 +1,8 @@
 """Training runs started from the page: `peftkit train` child processes that outlive the page and
 the server.
 
-A child runs in its own session (its own process group), with stdin closed and its output in
-a log file, so closing the page or stopping the server (even with Ctrl-C) leaves it training.
+A child runs in its own session (its own process group), with no stdin and its output in a
+log file, so closing the page or stopping the server (even with Ctrl-C) leaves it training.
 Beside its output folder `runs/x` the page keeps two files, next to `outdir`'s lock:
 `.x.peftkit-ui.json` (the command, pid, start time and, once the server saw it end, the exit
 status) and `.x.peftkit-ui.log` (the child's stdout and stderr).
@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -70,6 +69,17 @@ def holder(out: str) -> dict | None:
     return None
 
 
+def spawn(argv: list[str], log: str, env: dict) -> int:
+    """Start `argv` in a new session with stdin from /dev/null and stdout and stderr appended to
+    `log`; its pid. SIGINT is reset to its default, so the child's Python turns it into
+    KeyboardInterrupt even when this server ignores it (as a shell's background job does)."""
+    return os.posix_spawn(argv[0], argv, env, setsid=True, setsigdef=[signal.SIGINT],
+                          file_actions=[
+                              (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_APPEND, 0),
+                              (os.POSIX_SPAWN_DUP2, 1, 2)])
+
+
 class Jobs:
     """Starts and stops `peftkit train` children; waits for them (no zombies) while it lives."""
 
@@ -93,25 +103,21 @@ class Jobs:
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
             with open(log_path(out), "w", encoding="utf-8") as log:
                 log.write("$ peftkit " + shlex.join(argv) + "\n")
-                log.flush()
-                child = subprocess.Popen([sys.executable, "-m", "peftkit.cli", *argv],
-                                         stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, close_fds=True)
-            record = {"argv": argv, "command": "peftkit " + shlex.join(argv), "pid": child.pid,
+            pid = spawn([sys.executable, "-m", "peftkit.cli", *argv], log_path(out), env)
+            record = {"argv": argv, "command": "peftkit " + shlex.join(argv), "pid": pid,
                       "started": time.time(), "returncode": None, "stopped": None}
             self._write(out, record)
-        threading.Thread(target=self._wait, args=(child, out), daemon=True).start()
+        threading.Thread(target=self._wait, args=(pid, out), daemon=True).start()
         return record
 
     def _write(self, out: str, record: dict) -> None:
         atomic_write_text(record_path(out), json.dumps(record) + "\n")
 
-    def _wait(self, child: subprocess.Popen, out: str) -> None:
-        returncode = child.wait()
+    def _wait(self, pid: int, out: str) -> None:
+        returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         with self._lock:
             record = read_json(record_path(out)) or {}
-            if record.get("pid") == child.pid:
+            if record.get("pid") == pid:
                 self._write(out, {**record, "returncode": returncode, "ended": time.time()})
 
     def stop(self, out: str) -> dict:

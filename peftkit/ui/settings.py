@@ -14,8 +14,12 @@ import contextlib
 import io
 import os
 import shlex
+import threading
 
 from ..errors import UserError
+
+# Held while the CLI runs inside the server: it swaps stdout and stderr for the whole process.
+CLI_LOCK = threading.Lock()
 
 # Train options the form sets, in command-line order.
 FIELDS = ("method", "model", "data", "eval_data", "eval_split", "test_data", "max_steps",
@@ -83,7 +87,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):
+        with CLI_LOCK, contextlib.redirect_stderr(err):
             return build_parser().parse_args(argv)
     except SystemExit:
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
