@@ -70,9 +70,13 @@ class App:
         return plan.plan(body.get("settings") or {}, self.runs_dir)
 
     def start(self, body: dict) -> dict:
+        """Start `peftkit train`; a refusal is worded as the CLI's own."""
         values = body.get("settings") or {}
-        argv = settings.train_argv(values, self.runs_dir)
-        record = self.jobs.start(argv, settings.run_dir(self.runs_dir, values.get("name")))
+        try:
+            argv = settings.train_argv(values, self.runs_dir)
+            record = self.jobs.start(argv, settings.run_dir(self.runs_dir, values.get("name")))
+        except UserError as err:
+            raise UserError(f"peftkit train: error: {err}") from None
         return {"run": os.path.relpath(argv[-1], self.runs_dir), "command": record["command"]}
 
     def stop(self, body: dict) -> dict:

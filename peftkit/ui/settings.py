@@ -72,17 +72,15 @@ def run_dir(runs_dir: str, name: str) -> str:
 def train_argv(settings: dict, runs_dir: str) -> list[str]:
     """`peftkit train` arguments (after `peftkit`) for `settings`, checked by the CLI's parser."""
     out = run_dir(runs_dir, settings.get("name", ""))
-    argv = ["train", *_pairs(settings, FIELDS), *extra_flags(settings), "--output-dir", out]
-    args = parse(argv)
-    if os.path.abspath(args.output_dir) != os.path.abspath(out):
+    argv = ["train", *_pairs(settings, FIELDS), *extra_flags(settings)]
+    if parse(argv).output_dir is not None:
         raise UserError("the output folder is the run name; remove --output-dir from the other "
                         "flags")
-    return argv
+    return [*argv, "--output-dir", out]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    """`argv` parsed by peftkit's CLI parser; its error message (as the CLI prints it) becomes a
-    UserError."""
+    """`argv` parsed by peftkit's CLI parser; its error message becomes a UserError."""
     from ..cli import build_parser
 
     err = io.StringIO()
@@ -91,7 +89,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
             return build_parser().parse_args(argv)
     except SystemExit:
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        raise UserError(lines[-1] if lines else "bad flags") from None
+        message = lines[-1] if lines else "bad flags"
+        raise UserError(message.split(": error: ", 1)[-1]) from None
 
 
 def estimate_argv(settings: dict) -> list[str]:
