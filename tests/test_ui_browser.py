@@ -1,6 +1,6 @@
 """`peftkit ui` in a real browser: headless Chromium (Debian's `chromium` package, no browser
 download) driven by Playwright plans a run, starts it on a tiny model, watches the loss curve
-grow, stops it, browses the runs and chats with the stopped run's last checkpoint.
+grow, stops it, browses the runs (two on one chart) and chats with the stopped run's last checkpoint.
 
 Skipped without /usr/bin/chromium or the `playwright` package. Screenshots of each tab go to
 the test's folder, and to $PEFTKIT_UI_SCREENSHOTS when set (docs/ui is made that way)."""
@@ -54,6 +54,9 @@ def test_plan_run_watch_stop_and_chat(page, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     runs = tmp_path / "runs"
     shutil.copytree(os.path.join(ROOT, "docs", "experiments", "compare"), runs / "compare")
+    (runs / "earlier").mkdir()  # a run's log alone, as a killed run leaves it
+    (runs / "earlier" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 4.2 - 0.1 * s}) + "\n" for s in range(1, 6)))
     server = Server(str(runs), "--token", "t0k3n", log=str(tmp_path / "server.log"))
     try:
         page.goto(server.page)
@@ -92,6 +95,12 @@ def test_plan_run_watch_stop_and_chat(page, tmp_path):
         page.wait_for_selector(".experiment table:has-text('qlora')")
         page.click("tr[data-run=tiny-lora] a")
         page.wait_for_selector("#run-detail:has-text('checkpoint-')")
+        page.check("tr[data-run=tiny-lora] .pick")
+        page.check("tr[data-run=earlier] .pick")
+        page.click("#compare")
+        logged = sum(1 for line in open(runs / "tiny-lora" / "metrics.jsonl") if '"loss"' in line)
+        page.wait_for_function("+document.querySelector('#compare-chart').dataset.points === "
+                               f"{logged + 5}")
         shoot(page, tmp_path, "runs")
 
         # Try: the last checkpoint and the base model answer the same message
