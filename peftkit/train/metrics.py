@@ -1,4 +1,5 @@
-"""Training logs on disk: every Trainer log line appended to `metrics.jsonl`; the loss curve
+"""Training logs on disk: every Trainer log line appended to `metrics.jsonl` (with the wall-clock
+`time` and the run's `max_steps`, for live progress); the loss curve
 (train loss, and eval loss when there is one) drawn to `loss_curve.png` once the run is saved,
 when matplotlib is installed; the mean training loss of a whole run, resumed or not. Only the
 main process writes."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from transformers import TrainerCallback
 
@@ -21,7 +23,8 @@ class JsonlLogger(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
+                      "max_steps": state.max_steps, **logs}
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
 

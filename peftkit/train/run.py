@@ -126,6 +126,7 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool):
         seed=args.seed,
         data_seed=args.seed,
         logging_steps=args.logging_steps,
+        include_num_input_tokens_seen="non_padding",  # logged: tokens/s in `peftkit ui`
         eval_strategy=eval_strategy,
         eval_steps=eval_steps,
         save_strategy=save_strategy,
