@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except _input_errors() as err:
         if args.debug:
             raise
-        print(f"peftkit {args.command}: error: {err}", file=sys.stderr)
+        origin = "" if isinstance(err, UserError) else (
+            f" ({type(err).__name__}; --debug shows where it was raised)")
+        print(f"peftkit {args.command}: error: {err}{origin}", file=sys.stderr)
         return 2
 
 

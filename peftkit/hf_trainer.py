@@ -1,5 +1,5 @@
-"""transformers' stock `Trainer` (and its subclasses: TRL's `SFTTrainer`, peftkit's own) treats a
-peftkit `PeftModel` exactly as it treats a Hugging Face PEFT model.
+"""transformers' stock `Trainer` (and its subclasses: TRL's `SFTTrainer`, peftkit's own) checkpoints,
+resumes and reloads a peftkit `PeftModel` as it does a Hugging Face PEFT model.
 
 transformers recognises PEFT models with `isinstance(model, peft.PeftModel)` in `_is_peft_model`,
 and `Trainer._save` writes anything that is neither that nor a `PreTrainedModel` as one raw
@@ -15,14 +15,18 @@ and `Trainer._save` writes anything that is neither that nor a `PreTrainedModel`
   then the processing class and the training arguments, as the stock method does.
 
 For any other model both call the original functions, so transformers' behaviour is unchanged.
+accelerate's own `is_peft_model` (which TRL reads too) is not wrapped, and the Trainer's FSDP and
+DeepSpeed branches for PEFT models import `peft` itself: sharded training through the Trainer is
+not supported for peftkit models.
 """
 
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import os
 import sys
+import warnings
 
 TRAINER_MODULE = "transformers.trainer"
 _PATCHED = "_peftkit_patched"
@@ -38,24 +42,35 @@ def install() -> None:
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; when `transformers.trainer` is being imported, it lets the other finders
-    find it and runs `_patch` right after the module's code has run. Removes itself on first use."""
+    """Finds `transformers.trainer` where the path finder does, with a loader that runs `_patch`
+    right after the module's code. Stays in `sys.meta_path` until then, so a mere
+    `importlib.util.find_spec` does not use it up."""
 
     def find_spec(self, name, path, target=None):
         if name != TRAINER_MODULE:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_and_patch(module):
-            exec_module(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_and_patch
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PatchingLoader(spec.loader)
         return spec
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Wraps the module's own loader; everything but `exec_module` is the wrapped loader's."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PatchOnImport)]
+        _patch(module)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
 
 def _patch(trainer_module) -> None:
@@ -65,17 +80,23 @@ def _patch(trainer_module) -> None:
 
     from .model import PeftModel
 
-    stock_is_peft = trainer_utils._is_peft_model
+    # transformers < 4.58 defines it in trainer.py itself.
+    stock_is_peft = (getattr(trainer_utils, "_is_peft_model", None)
+                     or getattr(trainer_module, "_is_peft_model", None))
+    stock_save = getattr(getattr(trainer_module, "Trainer", None), "_save", None)
+    if stock_is_peft is None or stock_save is None:
+        warnings.warn("this transformers version's Trainer does not have the functions peftkit "
+                      "teaches about peftkit models (_is_peft_model, Trainer._save): its "
+                      "checkpoints of a peftkit model would hold the whole model; save with "
+                      "model.save_pretrained instead", stacklevel=2)
+        return
 
     def _is_peft_model(model) -> bool:
         return isinstance(model, PeftModel) or stock_is_peft(model)
 
     for name, module in list(sys.modules.items()):
-        if name.startswith("transformers.") and getattr(module, "_is_peft_model", None) is stock_is_peft:
+        if name.startswith("transformers") and getattr(module, "_is_peft_model", None) is stock_is_peft:
             module._is_peft_model = _is_peft_model
-
-    trainer_cls = trainer_module.Trainer
-    stock_save = trainer_cls._save
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -86,7 +107,9 @@ def _patch(trainer_module) -> None:
                               is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
         import torch
@@ -94,5 +117,5 @@ def _patch(trainer_module) -> None:
         torch.save(self.args, os.path.join(output_dir, trainer_module.TRAINING_ARGS_NAME))
 
     _save.__doc__ = stock_save.__doc__
-    trainer_cls._save = _save
+    trainer_module.Trainer._save = _save
     setattr(trainer_module, _PATCHED, True)

@@ -2,8 +2,9 @@
 
 `adapter_folder(model_id, subfolder=..., revision=..., token=..., cache_dir=...)` takes the
 arguments PEFT's `from_pretrained` takes and returns a local folder holding `adapter_config.json`
-and `adapter_model.safetensors`. A repo id goes through `huggingface_hub.hf_hub_download` (which
-honours `HF_HUB_OFFLINE` and `local_files_only`); the pickled `adapter_model.bin` is never fetched.
+and `adapter_model.safetensors`. A repo id goes through one `huggingface_hub.snapshot_download` of
+those two files (one revision resolved for both; `HF_HUB_OFFLINE` and `local_files_only`
+honoured); the pickled `adapter_model.bin` is never fetched.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ NO_EFFECT = frozenset({"torch_device", "low_cpu_mem_usage"})
 
 def adapter_folder(model_id: str | os.PathLike, subfolder: str | None = None, **kwargs) -> str:
     """The local folder of adapter `model_id` (`model_id/subfolder` when given)."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import snapshot_download
 
-    hub_args = set(inspect.signature(hf_hub_download).parameters) - {
-        "repo_id", "filename", "subfolder", "local_dir", "repo_type"}
+    hub_args = set(inspect.signature(snapshot_download).parameters) - {
+        "repo_id", "allow_patterns", "ignore_patterns", "local_dir", "repo_type"}
     unknown = sorted(set(kwargs) - hub_args - NO_EFFECT)
     if unknown:
         raise TypeError(f"unexpected arguments {unknown} for loading an adapter; peftkit takes "
                         f"{sorted(NO_EFFECT | {'subfolder', 'revision', 'token', 'cache_dir'})} "
-                        "and the other arguments of huggingface_hub.hf_hub_download")
+                        "and the other arguments of huggingface_hub.snapshot_download")
     hub_kwargs = {k: v for k, v in kwargs.items() if k in hub_args}
     local = os.path.join(model_id, subfolder) if subfolder else str(model_id)
     if os.path.isdir(local):
@@ -41,26 +42,26 @@ def adapter_folder(model_id: str | os.PathLike, subfolder: str | None = None, **
 
 
 def _download(repo_id: str, subfolder: str | None, hub_kwargs: dict) -> str:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
-        config = hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        snapshot = snapshot_download(repo_id, allow_patterns=[prefix + CONFIG_NAME,
+                                                              prefix + WEIGHTS_NAME], **hub_kwargs)
     except HFValidationError:
         raise FileNotFoundError(f"no folder {repo_id!s} (and it is not a Hub repo id 'org/name'): "
                                 f"pass the folder that save_pretrained wrote, which holds "
                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}") from None
-    except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError) as err:
-        where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+    except (LocalEntryNotFoundError, HfHubHTTPError) as err:
         raise FileNotFoundError(
-            f"no adapter folder {where} here, and the Hub gave no {CONFIG_NAME} for it "
+            f"no adapter folder {where} here, and the Hub gave none "
             f"({type(err).__name__}: {str(err).splitlines()[0]}). Pass a folder that "
             "save_pretrained wrote, or a Hub repo id (with revision/token if needed)") from None
-    try:
-        hf_hub_download(repo_id, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-    except (LocalEntryNotFoundError, EntryNotFoundError) as err:
-        raise FileNotFoundError(
-            f"Hub repo {repo_id} has {CONFIG_NAME} but no {WEIGHTS_NAME} "
-            f"({type(err).__name__}); peftkit reads safetensors adapters only") from None
-    return os.path.dirname(config)
+    folder = os.path.join(snapshot, subfolder) if subfolder else snapshot
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f"Hub repo {where} has no {name}; peftkit reads "
+                                    f"{CONFIG_NAME} with {WEIGHTS_NAME} (safetensors) only")
+    return folder

@@ -98,6 +98,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
+        hf_trainer.install()
         self.base_model = TunedModel(model)
         model.requires_grad_(False)
         quant.avoid_cpu_packing_(model)
@@ -292,20 +293,23 @@ class PeftModel(nn.Module):
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out, exist_ok=True)
             tensors = self.adapter_tensors(name)
-            if state_dict is not None:
+            if state_dict:  # DeepSpeed hands over {} when it gathered nothing
                 tensors = self._from_state_dict(tensors, state_dict)
             checkpoint.save_tensors(tensors, os.path.join(out, checkpoint.WEIGHTS_NAME))
             self.peft_config[name].save_pretrained(out)
 
     def _from_state_dict(self, tensors: dict[str, torch.Tensor],
                          state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`{file key: state_dict[in-memory name of that tensor]}`."""
+        """`{file key: state_dict[in-memory name of that tensor]}`. A frozen tensor the engine
+        left out (DeepSpeed's `exclude_frozen_parameters`) is this process's own copy; a missing
+        trainable one is an error."""
         names = {id(t): n for n, t in self.state_dict(keep_vars=True).items()}
-        missing = [names[id(t)] for t in tensors.values() if names[id(t)] not in state_dict]
+        missing = [names[id(t)] for t in tensors.values()
+                   if names[id(t)] not in state_dict and t.requires_grad]
         if missing:
-            raise KeyError(f"state_dict lacks adapter tensors {missing[:3]} "
+            raise KeyError(f"state_dict lacks trainable adapter tensors {missing[:3]} "
                            f"({len(missing)} in all); pass the model's full state dict")
-        return {key: state_dict[names[id(t)]] for key, t in tensors.items()}
+        return {key: state_dict.get(names[id(t)], t) for key, t in tensors.items()}
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike,

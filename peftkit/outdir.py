@@ -40,8 +40,8 @@ class OutputDirBusy(ValueError):
 
 
 def sibling(path: str | os.PathLike, kind: str) -> str:
-    """`runs/.x.peftkit-<kind>` for `path` = `runs/x`."""
-    parent, name = os.path.split(os.path.abspath(path))
+    """`runs/.x.peftkit-<kind>` for `path` = `runs/x` (a symlink's target: the link stays)."""
+    parent, name = os.path.split(os.path.realpath(path))
     return os.path.join(parent, f".{name}.peftkit-{kind}")
 
 
@@ -98,6 +98,7 @@ def claim(path: str | os.PathLike, command: str) -> Iterator[None]:
     Raises OutputDirBusy, naming the holder, when another process holds it. A lock left by a
     dead process is taken over with a note on stderr. Leftover temporaries of a killed command
     are cleaned up (module docstring)."""
+    path = os.path.realpath(path)
     lock_path = sibling(path, "lock")
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     fd, previous = _lock(str(path), lock_path)
@@ -119,13 +120,13 @@ def claim(path: str | os.PathLike, command: str) -> Iterator[None]:
 def _clean(path: str | os.PathLike) -> None:
     """Remove what a killed command left: `-tmp` siblings, `-old` siblings (restored when
     `path` is missing: the swap died between its two renames) and writer temporaries."""
-    parent, name = os.path.split(os.path.abspath(path))
+    parent, name = os.path.split(os.path.realpath(path))
     for entry in sorted(os.listdir(parent)):
         if entry.startswith(f".{name}.peftkit-tmp-"):
-            shutil.rmtree(os.path.join(parent, entry))
+            _remove(os.path.join(parent, entry))
         elif entry.startswith(f".{name}.peftkit-old-"):
             if os.path.lexists(path):
-                shutil.rmtree(os.path.join(parent, entry))
+                _remove(os.path.join(parent, entry))
             else:
                 os.rename(os.path.join(parent, entry), path)
     if os.path.isdir(path):
@@ -133,6 +134,14 @@ def _clean(path: str | os.PathLike) -> None:
             for file in files:
                 if file.startswith(".") and file.endswith(TMP_SUFFIX):
                     os.unlink(os.path.join(folder, file))
+
+
+def _remove(path: str) -> None:
+    """Delete a folder tree, or only the link where `path` is a symlink."""
+    if os.path.islink(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path)
 
 
 def _finish_tree(path: str) -> None:
@@ -194,7 +203,7 @@ def publish(path: str | os.PathLike) -> Iterator[str]:
     the umask's mode, flush it and rename it into place over `path` (module docstring). If the
     block fails, the temporary folder is removed and `path` is untouched. Hold `claim(path)`
     around it."""
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     tmp = sibling(path, f"tmp-{secrets.token_hex(4)}")
     os.mkdir(tmp)  # mode 0777 & ~umask, like any folder the user creates
     try:
@@ -210,7 +219,7 @@ def move_aside(path: str | os.PathLike) -> None:
     """Empty `path` for an `--overwrite` run: its contents go to the `-replaced` sibling. If one
     is there already, an earlier `--overwrite` run never completed a save: the contents it
     replaced stay, and that run's partial output in `path` is deleted."""
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     replaced = sibling(path, "replaced")
     if os.path.lexists(replaced):
         old = sibling(path, f"old-{secrets.token_hex(4)}")

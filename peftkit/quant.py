@@ -87,13 +87,6 @@ def cpu_packed(layer: nn.Module) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
-def cpu_packable(layer: nn.Module) -> bool:
-    """Whether bitsandbytes 0.50 can repack this `Linear4bit` for its CPU kernel (out_features a
-    multiple of its 32-row tiles, in_features a multiple of the block size); else it raises
-    `shape '[out, 0]' is invalid` in the first eval-mode forward on AVX512-BF16 CPUs."""
-    return layer.out_features % 32 == 0 and layer.in_features % layer.weight.blocksize == 0
-
-
 def _plain_4bit(layer: nn.Module):
     """(codes, quant_state) of a CPU-packed `Linear4bit` in bitsandbytes' plain layout, leaving
     the layer untouched: codes (N*K/2, 1) in the original storage dtype; one fp32 absmax per block

@@ -303,12 +303,6 @@ def test_peftkit_loading_and_prepare_keep_layers_off_the_packed_path(base_dir, m
         torch.testing.assert_close(eval_out, train_out, rtol=0, atol=0)
 
 
-def test_cpu_packable_names_the_shapes_bitsandbytes_cannot_pack():
-    assert quant.cpu_packable(linear4bit("nf4", True))
-    assert not quant.cpu_packable(linear4bit("nf4", True, in_features=32))
-    assert not quant.cpu_packable(linear4bit("nf4", True, out_features=48))
-
-
 # -- the device a k-bit model loads on -----------------------------------------------------------
 def test_kbit_device_map_follows_local_rank():
     assert quant.kbit_device_map({"LOCAL_RANK": "3"}, cuda=False) == "cpu"

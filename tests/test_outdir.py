@@ -78,6 +78,26 @@ def test_publish_replaces_the_folder_and_a_failed_block_leaves_it(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
+def test_a_symlinked_output_folder_keeps_its_link(tmp_path):
+    """`runs/x -> /data/x`: the target folder is replaced and emptied, the link stays, and the
+    next claim finds nothing to clean."""
+    real = tmp_path / "disk" / "x"
+    real.mkdir(parents=True)
+    (real / "old.txt").write_text("old")
+    (tmp_path / "runs").mkdir()
+    link = tmp_path / "runs" / "x"
+    link.symlink_to(real)
+    with outdir.claim(link, "t"):
+        with outdir.publish(link) as tmp:
+            open(os.path.join(tmp, "new.txt"), "w").write("new")
+    assert os.path.islink(link) and tree(link) == {"new.txt": b"new"}
+    with outdir.claim(link, "t"):
+        outdir.move_aside(link)
+        assert os.path.islink(link) and tree(link) == {}
+        outdir.drop_replaced(link)
+    assert os.listdir(tmp_path / "runs") == ["x"] and os.listdir(tmp_path / "disk") == ["x"]
+
+
 CRASH = """
 import os, signal, sys
 from peftkit import outdir

@@ -245,3 +245,25 @@ def test_seed_recipe_on_the_embedded_smollm2(tmp_path):
         torch.testing.assert_close(reference(input_ids=ids).logits,
                                    model.get_base_model().eval()(input_ids=ids).logits,
                                    rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("imports", [
+    "import transformers.trainer; import peftkit",
+    "import peftkit; from transformers import Trainer",
+    "import peftkit, importlib.util; importlib.util.find_spec('transformers.trainer'); "
+    "from transformers import Trainer",
+])
+def test_trainer_is_taught_whatever_the_import_order(imports):
+    """The patch lands whether transformers' Trainer is imported before peftkit or after it, and
+    a mere find_spec lookup of it in between does not use the import hook up."""
+    import subprocess
+    import sys
+
+    check = ("; import transformers.trainer as t, transformers.trainer_utils as u, peftkit.models; "
+             "m = peftkit.get_peft_model(peftkit.models.tiny_llama(0), "
+             "peftkit.LoraConfig(r=2, target_modules=['q_proj'])); "
+             "print(t._is_peft_model(m), u._is_peft_model(m), "
+             "t.Trainer._save.__module__, t._is_peft_model(m.get_base_model()))")
+    out = subprocess.run([sys.executable, "-c", imports + check], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "peftkit.hf_trainer", "False"]

@@ -41,8 +41,10 @@ def tolerance(dtypes: set[torch.dtype]) -> float:
     differ by rounding that each layer passes on. Measured on SmolLM2 (30 layers, LoRA r=16 on
     q,k,v,o): fp32 8e-7, 4-bit fp32-compute 4e-6, so 1e-4 for fp32; 4-bit bf16-compute (CUDA's
     default) 2.1e-2 = 2.7 eps(bf16), fp16-compute 1.9e-3 = 2.0 eps(fp16). 8 eps (bf16 6.3e-2,
-    fp16 7.8e-3) leaves 3-4x for deeper models and still refuses a merge that loses, doubles or
-    transposes the delta, which moves the logits by the adapter's whole effect.
+    fp16 7.8e-3) leaves 3-4x for deeper models. A merge that loses, doubles or transposes the
+    delta moves the logits by the adapter's whole effect, so it is refused when that effect is
+    larger than the tolerance; a smaller effect is within the dtype's rounding and cannot be
+    told apart from it.
     """
     return max(max(1e-4, 8 * torch.finfo(dtype).eps) for dtype in dtypes)
 
@@ -64,10 +66,10 @@ def compute_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
 
 def _run(args) -> int:
     from .. import outdir
+    from ..train import inputs
 
     out = args.output_dir
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise ValueError(f"--output-dir {out} is a file; give a folder path")
+    inputs.check_output_path(out)
     with outdir.claim(out, "peftkit merge"):
         if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
             raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import random
@@ -41,15 +40,12 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def holding_output_dir(train):
-    """`train(args)` with `args.output_dir` held for the whole run (`outdir.claim`); under
-    torchrun only rank 0 holds it (the ranks share the folder)."""
-    @functools.wraps(train)
-    def run(args: argparse.Namespace) -> dict:
-        held = args.output_dir and _main_process()
-        with outdir.claim(args.output_dir, "peftkit train") if held else contextlib.nullcontext():
-            return train(args)
-    return run
+def hold_output_dir(args: argparse.Namespace):
+    """`outdir.claim` of `args.output_dir` for this run; under torchrun only rank 0 holds it
+    (the ranks share the folder)."""
+    if args.output_dir and _main_process():
+        return outdir.claim(args.output_dir, "peftkit train")
+    return contextlib.nullcontext()
 
 
 class DropReplaced(TrainerCallback):
@@ -60,30 +56,31 @@ class DropReplaced(TrainerCallback):
             outdir.drop_replaced(args.output_dir)
 
 
-def check_output_dir(args: argparse.Namespace) -> str | bool | None:
-    """Refuse a non-empty output dir unless --overwrite/--resume; return the checkpoint to
-    resume from (or None). `--overwrite` empties it: the old files move aside (rank 0)."""
+def check_output_dir(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """Refuse a non-empty output dir unless --overwrite/--resume; return (the checkpoint to
+    resume from or None, whether this `--overwrite` run holds old files moved aside, to delete
+    after its first complete save: rank 0 only)."""
     out = args.output_dir
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise ValueError(f"--output-dir {out} is a file; give a folder path")
     if args.resume:
         if args.resume is not True:
             if not is_complete(args.resume):
                 raise ValueError(f"{args.resume} is not a complete checkpoint")
-            return args.resume
+            return args.resume, False
         found = last_complete_checkpoint(out)
         if found is None:
             raise ValueError(f"--resume: no complete checkpoint-N folder in {out}")
-        return found
-    if not _main_process() or not (os.path.isdir(out) and os.listdir(out)):
-        return None
-    if not args.overwrite:
-        raise ValueError(f"output directory {out} exists and is not empty; pass --overwrite to "
-                         "replace its contents or --resume to continue its last checkpoint")
-    outdir.move_aside(out)
-    print(f"peftkit train: --overwrite: the previous contents of {out} are in "
-          f"{outdir.sibling(out, 'replaced')} until this run's first checkpoint", flush=True)
-    return None
+        return found, False
+    if not _main_process():
+        return None, False
+    if os.path.isdir(out) and os.listdir(out):
+        if not args.overwrite:
+            raise ValueError(f"output directory {out} exists and is not empty; pass --overwrite "
+                             "to replace its contents or --resume to continue its last checkpoint")
+        outdir.move_aside(out)
+        print(f"peftkit train: --overwrite: the previous contents of {out} are in "
+              f"{outdir.sibling(out, 'replaced')} until this run's first checkpoint", flush=True)
+    # An --overwrite run takes over what an earlier, unfinished --overwrite run moved aside.
+    return None, bool(args.overwrite) and os.path.lexists(outdir.sibling(out, "replaced"))
 
 
 def _split(data, fraction: float, seed: int):
@@ -177,10 +174,14 @@ class PeakMemory:
                 "peak_memory_kind": kind}
 
 
-@holding_output_dir
 def train(args: argparse.Namespace) -> dict:
     """Run training as `args` (checked by `options.resolve`) says; return the run summary (also
     written to run_summary.json)."""
+    with contextlib.ExitStack() as held:
+        return _train(args, held)
+
+
+def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     from transformers import set_seed
 
     # Every input is read and checked before the output dir is claimed and before the model
@@ -203,7 +204,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.packing:
         train_rows = pack(train_rows, args.max_length)
         notes.append(f"packed {len(data.examples)} rows into {len(train_rows)} sequences")
-    resume = check_output_dir(args)
+    held.enter_context(hold_output_dir(args))
+    resume, moved_aside = check_output_dir(args)
     if resume:
         inputs.check_checkpoint(resume)
     resumed_loss = loss_before(resume)
@@ -224,7 +226,8 @@ def train(args: argparse.Namespace) -> dict:
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=[JsonlLogger(args.output_dir), LogAtCheckpoints(), DropReplaced()],
+        callbacks=[JsonlLogger(args.output_dir), LogAtCheckpoints()]
+        + ([DropReplaced()] if moved_aside else []),
         fused_loss=args.fused_loss,
     )
     memory = PeakMemory()
@@ -256,7 +259,8 @@ def train(args: argparse.Namespace) -> dict:
     if trainer.is_world_process_zero():
         atomic_write_text(os.path.join(args.output_dir, SUMMARY),
                           json.dumps(summary, indent=2) + "\n")
-        outdir.drop_replaced(args.output_dir)
+        if moved_aside:
+            outdir.drop_replaced(args.output_dir)
         print(format_summary(summary), flush=True)
         draw_loss_curve(args.output_dir)  # optional, so only after the run is saved
     return summary
