@@ -1,6 +1,6 @@
 """The protocol every method implements, and the method registry.
 
-A method injects `AdapterLayer`s into a model. Each layer holds its adapters in dicts keyed by
+A method injects `TunerLayer`s into a model. Each layer holds its adapters in dicts keyed by
 adapter name, so adding, switching, disabling, merging and deleting adapters is one mechanism
 shared by all methods. Each layer also names its own tensors for adapter files: the on-disk key is
 `base_model.model.<layer path>.<local key>`, exactly PEFT's. Trainable parameters are the tensors
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..config import PeftConfig
 
 
-class AdapterLayer(nn.Module):
+class TunerLayer(nn.Module):
     """A module that holds adapters by name and applies the active, enabled ones."""
 
     def __init__(self) -> None:
@@ -62,7 +62,7 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
 
-class WrappedLayer(AdapterLayer):
+class WrappedLayer(TunerLayer):
     """An adapter layer around one base module (`base_layer`) whose adapters can be folded into
     the base weight: `merged_adapters` lists those folded in, in order. Disabling unmerges first
     (the base output must then be the original one); unloading returns the base module, merged
@@ -88,7 +88,7 @@ class WrappedLayer(AdapterLayer):
         return self.base_layer
 
 
-class ModulesToSaveWrapper(AdapterLayer):
+class ModulesToSaveWrapper(TunerLayer):
     """A full trainable copy of a module per adapter (PEFT's `modules_to_save`).
 
     The copy of adapter `name` lives at `modules_to_save.<name>`; on disk its tensors keep the
@@ -195,7 +195,7 @@ def add_modules_to_save(model: nn.Module, names: list[str] | None, adapter: str,
         if not names or not targets.matches_list(path, names):
             continue
         if not isinstance(module, ModulesToSaveWrapper):
-            if isinstance(module, AdapterLayer):
+            if isinstance(module, TunerLayer):
                 continue
             module = wrapper(module)
             replace_module(model, path, module)

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, TaskType, check, register_config
-from .base import (AdapterLayer, Method, ModulesToSaveWrapper, add_modules_to_save,
+from .base import (TunerLayer, Method, ModulesToSaveWrapper, add_modules_to_save,
                    register_method)
 
 ATTRIBUTE = "prompt_encoder"  # where the prompt layer sits on the wrapped model
@@ -116,7 +116,7 @@ def _is_pos_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-class PromptEncoder(AdapterLayer):
+class PromptEncoder(TunerLayer):
     """The named soft prompts of a model, and the hooks that prepend the active one.
 
     `embedding[name].weight`: (n, d). It is saved under PEFT's global key `prompt_embeddings`.

@@ -3,7 +3,7 @@
     estimate("llama-2-7b", "lora", {"r": 16, "target_modules": [...]}, Settings(batch_size=2))
 
 returns the exact trainable/total parameter counts (`params`, on the meta device) and the memory
-plan (`memory`, `activations`, `quant`). Known architectures: `architectures.KNOWN`; methods:
+plan (`memory`, `activations`, `nf4`). Known architectures: `architectures.KNOWN`; methods:
 `methods.METHODS`.
 """
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import PeftConfig, TaskType
-from ..methods.adapter import AdapterConfig
+from ..methods.bottleneck import AdapterConfig
 from ..methods.lora import LoraConfig
 from ..methods.prompt import PromptTuningConfig
 from .ranges import fraction, positive_float, positive_int

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, check, register_config
-from .base import AdapterLayer, Method, add_modules_to_save, register_method
+from .base import TunerLayer, Method, add_modules_to_save, register_method
 
 VARIANTS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",)}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -170,7 +170,7 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(self.dropout(h))))
 
 
-class BottleneckLayer(AdapterLayer):
+class BottleneckLayer(TunerLayer):
     """The named adapters of one site, applied by a forward hook on the site's module.
 
     The layer sits next to the block's own modules (`<block>.<site>_adapter`); on disk adapter
@@ -232,7 +232,7 @@ def find_blocks(model: nn.Module) -> tuple[BlockLayout, str, nn.ModuleList]:
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"bottleneck adapters have no entry for model_type {model_type!r} (known: "
-            f"{sorted(ARCHITECTURES)}). Add one: peftkit.methods.adapter.ARCHITECTURES"
+            f"{sorted(ARCHITECTURES)}). Add one: peftkit.methods.bottleneck.ARCHITECTURES"
             f"[{model_type!r}] = BlockLayout(blocks='<path of the ModuleList of blocks>', "
             f"attention='<module in a block whose output is the attention output>', "
             f"mlp='<module in a block whose output is the MLP output>')"
