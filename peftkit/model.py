@@ -19,7 +19,8 @@ from torch import nn
 
 from . import checkpoint, hf_trainer, hub, quant
 from .config import PeftConfig, TaskType
-from .methods.base import TunerLayer, method_for, replace_module
+from .methods.base import TunerLayer, replace_module
+from .methods.registry import injector_for
 
 PREFIX = "base_model.model."
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -142,7 +143,7 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         try:
-            method_for(peft_config).inject(model, peft_config, adapter_name,
+            injector_for(peft_config).inject(model, peft_config, adapter_name,
                                            autocast_adapter_dtype=self._autocast_adapter_dtype)
         except Exception:
             for layer in self._layers():
@@ -201,7 +202,7 @@ class PeftModel(nn.Module):
             for key, tensor in layer.adapter_tensors(adapter_name).items()
         }
         config = self.peft_config[adapter_name]
-        extra = method_for(config).extra_tensors(self.get_base_model(), config)
+        extra = injector_for(config).extra_tensors(self.get_base_model(), config)
         out.update({PREFIX + k: v for k, v in extra.items()})
         return out
 
