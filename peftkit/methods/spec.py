@@ -76,12 +76,13 @@ class MethodSpec:
 
     def build_config(self, options: dict[str, Any]) -> "PeftConfig | None":
         """The method's config from `options`: those that are fields of `config_cls` (others, such
-        as `quant_type`, configure the run, not the adapter). None for full fine-tuning."""
+        as `quant_type`, configure the run, not the adapter); a None keeps the field's default.
+        None for full fine-tuning."""
         if self.config_cls is None:
             return None
         fields = {f.name for f in dataclasses.fields(self.config_cls)}
-        return self.config_cls(task_type=TaskType.CAUSAL_LM,
-                               **{k: v for k, v in options.items() if k in fields})
+        return self.config_cls(task_type=TaskType.CAUSAL_LM, **{
+            k: v for k, v in options.items() if k in fields and v is not None})
 
     def load_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
         """`from_pretrained` keywords for the base model: 4-bit for a k-bit-base method."""
