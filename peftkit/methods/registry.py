@@ -1,6 +1,7 @@
 """The methods peftkit knows, listed once: each module's `SPEC` (see `spec.MethodSpec`).
 
-Adding a method means writing its module and adding it to `_MODULES` (or calling `register`).
+Adding a method means writing its module and adding it to `_MODULES` (or calling `register`,
+as a test or a plugin does).
 Registering a spec also registers its config class for `PeftConfig.from_dict` and its injector
 for `get_peft_model`, keyed on the config's `peft_type` (LoRA and QLoRA share both).
 """
@@ -78,5 +79,6 @@ def resolve(method: str, opts: dict[str, Any]) -> tuple[MethodSpec, dict[str, An
     return found, filled
 
 
-for _module in (full, lora, qlora, bottleneck, prompt, ia3):
+_MODULES = (full, lora, qlora, bottleneck, prompt, ia3)  # in `--method` order
+for _module in _MODULES:
     register(_module.SPEC)
