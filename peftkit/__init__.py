@@ -1,7 +1,7 @@
 """peftkit: parameter-efficient fine-tuning in native PyTorch, file-compatible with HF PEFT."""
 
 from .config import PeftConfig, PeftType, TaskType
-from .methods.adapter import AdapterConfig
+from .methods.bottleneck import AdapterConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.prompt import PromptTuningConfig, PromptTuningInit

@@ -46,7 +46,8 @@ _CONFIGS: dict[str, type["PeftConfig"]] = {}
 
 
 def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
-    """Class decorator: make `PeftConfig.from_dict` able to build `cls` from its `peft_type`."""
+    """Make `PeftConfig.from_dict` able to build `cls` from its `peft_type` (`methods.registry`
+    calls it for each method's config class)."""
     _CONFIGS[cls.PEFT_TYPE.value] = cls
     return cls
 

@@ -132,7 +132,7 @@ def fusable(model: nn.Module) -> bool:
     tokens take part in the model's loss)."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from .methods.base import ModulesToSaveWrapper
+    from .methods.modules_to_save import ModulesToSaveWrapper
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(getattr(lm, "config", None), "model_type", None) not in FUSABLE_MODEL_TYPES:

@@ -2,7 +2,7 @@
 
 The wrapped model sits at `peft_model.base_model.model`, so parameter names and adapter-file keys
 are PEFT's (`base_model.model.<module path>...`). Everything a method knows lives in its module
-(`peftkit.methods.*`); this class only asks the injected `AdapterLayer`s to switch, disable,
+(`peftkit.methods.*`); this class only asks the injected `TunerLayer`s to switch, disable,
 merge, unload or hand over their tensors, and reads and writes the files.
 """
 
@@ -19,7 +19,8 @@ from torch import nn
 
 from . import checkpoint, hf_trainer, hub, quant
 from .config import PeftConfig, TaskType
-from .methods.base import AdapterLayer, method_for, replace_module
+from .methods.base import TunerLayer, replace_module
+from .methods.registry import injector_for
 
 PREFIX = "base_model.model."
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -128,8 +129,8 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     # -- adapters by name ------------------------------------------------------------------
-    def _layers(self) -> Iterator[AdapterLayer]:
-        return (m for m in self.modules() if isinstance(m, AdapterLayer))
+    def _layers(self) -> Iterator[TunerLayer]:
+        return (m for m in self.modules() if isinstance(m, TunerLayer))
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Inject a new adapter; it does not become active (call `set_adapter`)."""
@@ -143,7 +144,7 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         try:
-            method_for(peft_config).inject(model, peft_config, adapter_name,
+            injector_for(peft_config).inject(model, peft_config, adapter_name,
                                            autocast_adapter_dtype=self._autocast_adapter_dtype)
         except Exception:
             for layer in self._layers():
@@ -198,11 +199,11 @@ class PeftModel(nn.Module):
         out = {
             layer.file_key(path, key): tensor
             for path, layer in self.named_modules()
-            if isinstance(layer, AdapterLayer) and adapter_name in layer.adapter_names
+            if isinstance(layer, TunerLayer) and adapter_name in layer.adapter_names
             for key, tensor in layer.adapter_tensors(adapter_name).items()
         }
         config = self.peft_config[adapter_name]
-        extra = method_for(config).extra_tensors(self.get_base_model(), config)
+        extra = injector_for(config).extra_tensors(self.get_base_model(), config)
         out.update({PREFIX + k: v for k, v in extra.items()})
         return out
 
@@ -246,7 +247,7 @@ class PeftModel(nn.Module):
     def _unload(self, merge: bool) -> nn.Module:
         model = self.get_base_model()
         for path, layer in list(model.named_modules()):
-            if isinstance(layer, AdapterLayer):
+            if isinstance(layer, TunerLayer):
                 replace_module(model, path, layer.unwrap(merge))
         return model
 

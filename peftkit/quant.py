@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
+QLORA_TYPES = ("nf4", "fp4")  # the 4-bit ones
 
 
 def require_bnb(feature: str):
@@ -154,6 +155,16 @@ def kbit_device_map(env: Mapping[str, str] | None = None, cuda: bool | None = No
     raise ValueError(f"LOCAL_RANK={rank} but this process sees {count} GPUs; launch at most "
                      f"{count} processes per node, or show each rank one GPU "
                      "(CUDA_VISIBLE_DEVICES)")
+
+
+def kbit_load_kwargs(quant_type: str) -> dict:
+    """`from_pretrained` keywords that load a base in 4-bit `quant_type` on this process's device
+    (`kbit_device_map`): bf16 compute on CUDA; fp32 on CPU, where bf16 matmuls are emulated (10x
+    slower) on processors without AVX512-BF16."""
+    cuda = torch.cuda.is_available()
+    compute = torch.bfloat16 if cuda else torch.float32
+    return {"quantization_config": bnb_config(quant_type, compute_dtype=compute),
+            "device_map": kbit_device_map(cuda=cuda)}
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:

@@ -14,6 +14,8 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .methods.base import TunerLayer
+
 ALL_LINEAR = "all-linear"
 
 
@@ -56,13 +58,11 @@ def layer_index(path: str, layers_pattern: str | list[str] | None) -> int | None
 def named_modules(model: nn.Module):
     """`(path, module)` pairs that see through adapter wrappers: a wrapped layer is listed once,
     under its own path, as its `base_layer`; nothing inside a wrapper is listed."""
-    from .methods.base import AdapterLayer
-
     inside = None
     for path, module in model.named_modules():
         if inside is not None and path.startswith(inside):
             continue
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, TunerLayer):
             inside = path + "."
             module = getattr(module, "base_layer", None)
             if module is None:

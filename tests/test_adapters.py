@@ -13,7 +13,7 @@ from torch import nn
 import peftkit
 from conftest import train_steps, trainer_changes
 from peftkit import models
-from peftkit.methods.adapter import ARCHITECTURES, BlockLayout, BottleneckLayer
+from peftkit.methods.bottleneck import ARCHITECTURES, BlockLayout, BottleneckLayer
 
 
 def tiny(kind: str, seed: int = 0) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 
 import peftkit
 from conftest import TARGETS, logits, make_model, perturb_trainable
-from peftkit.methods.base import AdapterLayer
+from peftkit.methods.base import TunerLayer
 
 VARIANTS = {
     "plain": {},
@@ -127,5 +127,5 @@ def test_merging_another_adapter_keeps_its_modules_to_save(tokens, tmp_path):
                       tokens)
     assert (logits(ours, tokens) - expected).abs().max() > 1e-3  # default differs from x
     merged = ours.merge_and_unload(adapter_names=["x"])
-    assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
+    assert not any(isinstance(m, TunerLayer) for m in merged.modules())
     torch.testing.assert_close(logits(merged, tokens), expected, atol=1e-5, rtol=0)

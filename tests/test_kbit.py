@@ -316,9 +316,9 @@ def test_kbit_device_map_follows_local_rank():
 
 def test_qlora_training_loads_on_the_local_rank(monkeypatch):
     """`peftkit train --method qlora` asks for this rank's GPU, not cuda:0."""
-    from peftkit.train.methods import qlora_model_kwargs
+    from peftkit.methods import registry
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert qlora_model_kwargs({"quant_type": "nf4"})["device_map"] == {"": 1}
+    assert registry.spec("qlora").load_kwargs({"quant_type": "nf4"})["device_map"] == {"": 1}

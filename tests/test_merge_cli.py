@@ -145,8 +145,8 @@ def bf16_compute(monkeypatch):
     pytest.importorskip("bitsandbytes")
     from peftkit.quant import bnb_config
 
-    monkeypatch.setattr(merge, "qlora_model_kwargs", lambda opts: {
-        "quantization_config": bnb_config(opts["quant_type"], compute_dtype=torch.bfloat16),
+    monkeypatch.setattr(merge, "kbit_load_kwargs", lambda quant_type: {
+        "quantization_config": bnb_config(quant_type, compute_dtype=torch.bfloat16),
         "device_map": "cpu"})
 
 

@@ -13,8 +13,8 @@ import torch
 
 from peftkit.planner import Settings, estimate, load_config, parse_size
 from peftkit.planner.activations import Arch, activations
-from peftkit.planner.params import LoraSite
-from peftkit.planner.quant import nf4_bytes, nf4_constant_bytes
+from peftkit.methods.lora import LoraSite
+from peftkit.planner.nf4 import nf4_bytes, nf4_constant_bytes
 from peftkit.swiglu import lean_swiglu
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))

@@ -11,11 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftkit import cli
-from peftkit.train import methods
-
-
-# Methods whose adapters cannot be folded into the weights (peftkit refuses to merge them).
-UNMERGEABLE = {"adapter", "prompt"}
+from peftkit.methods import registry
 
 
 def run(capsys, *argv):
@@ -50,7 +46,7 @@ def greedy_exact_match(where: list[str], data: str, max_new_tokens: int) -> floa
     return hits / len(rows)
 
 
-@pytest.mark.parametrize("method", sorted(methods.METHODS))
+@pytest.mark.parametrize("method", sorted(registry.SPECS))
 def test_train_save_eval_generate_merge(method, model_dir, data, tmp_path, capsys):
     out = str(tmp_path / "run")
     rc, stdout, err = run(capsys, *train_args(model_dir, data, out, "--method", method,
@@ -79,7 +75,7 @@ def test_train_save_eval_generate_merge(method, model_dir, data, tmp_path, capsy
         return
     merged = str(tmp_path / "merged")
     rc, _, err = run(capsys, "merge", "--adapter", out, "--output-dir", merged)
-    if method in UNMERGEABLE:
+    if not registry.spec(method).merges:
         assert rc == 2 and re.search("cannot be (folded|merged)", err), err
         return
     assert rc == 0, err

@@ -14,23 +14,9 @@ from peftkit import cli
 from peftkit.errors import UserError
 from peftkit.ui import settings
 from peftkit.ui.server import make_server
-from train_fixtures import tiny_model_dir
 from ui_fixtures import Server, alive, call, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for b in range(4)]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,12 @@
-"""`peftkit compare`: full fine-tuning, LoRA, QLoRA, adapters and prompt tuning on one task and
-budget, each in its own process, plus the untouched model (zero-shot); see `peftkit.experiments`.
+"""`peftkit compare`: every registered method (full fine-tuning, LoRA, QLoRA, bottleneck adapters,
+prompt tuning, (IA)^3) on one task and budget, each in its own process, plus the untouched model
+(zero-shot); see `peftkit.experiments`.
 """
 
 from __future__ import annotations
 
 from ..experiments import options
-from ..train import methods
+from ..methods import registry
 
 
 def register(subparsers) -> None:
@@ -14,7 +15,7 @@ def register(subparsers) -> None:
         description="Train each method on the same task, data, steps, batch and seed, each in "
         "its own process; measure trainable parameters, peak training memory, training time, "
         "exact match and eval loss; write results.json, results.md and plots to --out.")
-    p.add_argument("--methods", default=",".join(methods.METHODS),
+    p.add_argument("--methods", default=",".join(registry.SPECS),
                    help="comma-separated methods (default: all)")
     options.add_arguments(p)
     p.set_defaults(func=_run)

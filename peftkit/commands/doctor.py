@@ -8,17 +8,28 @@ import dataclasses
 import json
 import sys
 
-FLAGS = {"method": str, "model": str, "data": str, "r": int, "lora_alpha": float,
-         "lora_dropout": float, "target_modules": str, "learning_rate": float, "batch_size": int,
-         "grad_accum": int, "epochs": float, "max_steps": int, "max_length": int}
+from ..train import options
+
+_BOOLEAN = ("store_true", argparse.BooleanOptionalAction)
+
+
+def lenient(spec: dict) -> dict:
+    """argparse keywords that take a `peftkit train` option's value unchecked, so that the doctor
+    explains a bad one (`--lora-dropout 1.5`) instead of argparse refusing it: a number keeps
+    its plain type (`ranges.number`'s `kind`), anything else is text; booleans stay flags."""
+    if spec.get("action") in _BOOLEAN:
+        return {"action": spec["action"]}
+    out = {k: spec[k] for k in ("nargs", "const", "metavar") if k in spec}
+    return {**out, "type": getattr(spec.get("type"), "kind", str)}
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("doctor", help="check a training config and data",
                               description=__doc__)
     p.add_argument("--config", help="a `peftkit train` YAML file; flags override its keys")
-    for name, kind in FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    g = p.add_argument_group("`peftkit train` options (see `peftkit train --help`)")
+    for name, spec in options.specs().items():
+        g.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **lenient(spec))
     p.add_argument("--tokenizer", help="tokenizer folder for exact token counts (else chars/4)")
     p.add_argument("--json", action="store_true", help="print the findings as a JSON list")
     p.set_defaults(func=run)
@@ -44,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = doctor.normalize(load_yaml(args.config)) if args.config else {}
-        config.update({k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None})
+        config.update({k: getattr(args, k) for k in options.specs() if getattr(args, k) is not None})
         findings = doctor.check_config(config)
         if config.get("data"):
             count = None
@@ -53,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
                 tok = AutoTokenizer.from_pretrained(args.tokenizer)
                 count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
-            rows = doctor.read_rows(str(config["data"]))
+            rows = doctor.data_rows(str(config["data"]))
             findings += doctor.check_data(rows, config.get("max_length"), count)
     except ValueError as err:
         print(f"peftkit doctor: error: {err}", file=sys.stderr)

@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 
+from ..methods import registry
+from ..train.options import add_method_arguments
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-LORA_FLAGS = ("r", "lora_alpha", "lora_dropout", "target_modules")
 
 
 def register(subparsers) -> None:
@@ -15,11 +17,8 @@ def register(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--model", required=True,
                    help="built-in name (e.g. llama-2-7b), a config.json, or a model folder")
-    p.add_argument("--method", default="lora", help="full|lora|qlora|adapter|prompt")
-    p.add_argument("--r", type=int)
-    p.add_argument("--lora-alpha", type=float)
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--target-modules", help="comma-separated names, or all-linear")
+    p.add_argument("--method", default="lora", help="|".join(registry.SPECS))
+    add_method_arguments(p.add_argument_group("method options, as `peftkit train` takes them"))
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other field of the method's config (JSON value), e.g. "
                         "num_virtual_tokens=20; repeatable")
@@ -38,17 +37,11 @@ def register(subparsers) -> None:
 
 
 def options_from(args) -> dict:
-    """Method options from the LoRA flags and `--option KEY=VALUE` (values parsed as JSON)."""
-    out = {}
-    for name in LORA_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            if args.method not in ("lora", "qlora"):
-                raise ValueError(f"--{name.replace('_', '-')} applies to lora and qlora, not "
-                                 f"{args.method}; use --option KEY=VALUE for its options")
-            out[name] = value
-    if isinstance(out.get("target_modules"), str) and out["target_modules"] != "all-linear":
-        out["target_modules"] = [t.strip() for t in out["target_modules"].split(",") if t.strip()]
+    """Method options from the method flags given (those of another method are refused) and
+    `--option KEY=VALUE` (values parsed as JSON). Flags not given keep the config's defaults."""
+    given = {name: getattr(args, name) for name in registry.all_flags()}
+    registry.resolve(args.method, given)
+    out = {name: value for name, value in given.items() if value is not None}
     for item in args.option:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -84,6 +77,9 @@ def report(est, gpu: int | None) -> dict:
         "activation_formula": "Korthikanti et al. 2022 (arXiv:2205.05198) method; see "
                               "peftkit/planner/activations.py",
     }
+    uncounted = registry.spec(est.method).planner.uncounted
+    if uncounted:
+        out["not_counted"] = uncounted
     if gpu is not None:
         out["gpu_bytes"] = gpu
         out["fits"] = plan.total <= gpu
@@ -113,6 +109,8 @@ def print_report(r: dict) -> None:
         print(f"  {name:<22s} {gib(n):>12s}")
     print(f"  {'total (peak)':<22s} {gib(b['total']):>12s}")
     print(f"  activations: {r['activation_formula']}")
+    if "not_counted" in r:
+        print(f"  not counted: {r['not_counted']}")
     if "fits" in r:
         verdict = "fits" if r["fits"] else "does NOT fit"
         print(f"\n{verdict} in {gib(r['gpu_bytes'])} "

@@ -29,10 +29,10 @@ def _run(args) -> int:
     from ..train.evaluate import evaluate
     from ..train.examples import check_data
     from ..train.loading import load_for_inference
-    from ..train.methods import qlora_model_kwargs
+    from ..quant import kbit_load_kwargs
 
     check_data(args.data)  # before the model loads
-    load_kwargs = qlora_model_kwargs({"quant_type": args.quantize}) if args.quantize else {}
+    load_kwargs = kbit_load_kwargs(args.quantize) if args.quantize else {}
     model, tokenizer = load_for_inference(args.adapter, args.model, **load_kwargs)
     result = evaluate(model, tokenizer, args.data, args.batch_size, args.max_new_tokens,
                       args.max_length, args.limit)

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..train.methods import qlora_model_kwargs
+from ..quant import kbit_load_kwargs
 
 PROBE = "Merging must not change what the model computes."
 
@@ -85,7 +85,7 @@ def _merge(args):
     """(merged model, tokenizer), after the logit check."""
     from ..train.loading import load_for_inference
 
-    load_kwargs = qlora_model_kwargs({"quant_type": args.quant_type}) if args.dequantize else {}
+    load_kwargs = kbit_load_kwargs(args.quant_type) if args.dequantize else {}
     model, tokenizer = load_for_inference(args.adapter, args.model, **load_kwargs)
     probe = tokenizer(PROBE, return_tensors="pt").to(next(model.parameters()).device)
     dtypes = compute_dtypes(model)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from ..train import methods, options
+from ..methods import registry
+from ..train import options
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune on a data file (LoRA by default)",
-        description="Fine-tune with --method " + "|".join(methods.METHODS) + ". Options may "
+        description="Fine-tune with --method " + "|".join(registry.SPECS) + ". Options may "
         "come from a YAML --config (keys = flag names in snake_case); flags override it.")
     options.add_train_arguments(p)
     p.set_defaults(func=_run)

@@ -11,8 +11,8 @@ import shlex
 from typing import Any
 
 from .. import tasks
-from ..train import methods
-from .runs import METHOD_DEFAULTS, Setup
+from ..methods import registry
+from .runs import Setup
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("per-method settings")
     o.add_argument("--lr", default="", metavar="METHOD=LR,...",
                    help="learning rates, e.g. full=2e-5,lora=2e-4 (defaults: " +
-                   ", ".join(f"{m}={d['learning_rate']:g}" for m, d in METHOD_DEFAULTS.items())
+                   ", ".join(f"{m}={s.learning_rate:g}" for m, s in registry.SPECS.items())
                    + ")")
     o.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                    help="any `peftkit train` option of a method, e.g. lora.r=8 or "
@@ -105,15 +105,17 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def method_name(name: str, where: str) -> str:
-    if name not in methods.METHODS:
+    if name not in registry.SPECS:
         raise ValueError(f"{where}: unknown method {name!r}; choose one of "
-                         f"{', '.join(methods.METHODS)}")
+                         f"{', '.join(registry.SPECS)}")
     return name
 
 
 def flags(method: str, extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The seed's settings of `method` with the user's overrides on top."""
-    return {**METHOD_DEFAULTS[method], **extra.get(method, {})}
+    """The seed's settings of `method` (its spec's learning rate and `compare_flags`) with the
+    user's overrides on top."""
+    spec = registry.spec(method)
+    return {"learning_rate": spec.learning_rate, **spec.compare_flags, **extra.get(method, {})}
 
 
 def command(argv: list[str]) -> str:

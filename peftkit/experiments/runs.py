@@ -22,18 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-SEED_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-             "target_modules": "q_proj,k_proj,v_proj,o_proj"}
-
-# The seed's configuration of each method, and a learning rate that suits a short budget.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "full": {"learning_rate": 5e-5},
-    "lora": {"learning_rate": 1e-3, **SEED_LORA},
-    "qlora": {"learning_rate": 1e-3, **SEED_LORA, "quant_type": "nf4"},
-    "adapter": {"learning_rate": 1e-3, "variant": "houlsby", "reduction_factor": 16},
-    "prompt": {"learning_rate": 3e-2, "num_virtual_tokens": 20, "prompt_tuning_init": "TEXT",
-               "prompt_tuning_init_text": "Answer with the exact result only."},
-}
 ZERO_SHOT = "zero-shot"
 EVAL_BATCH = 32  # rows per generation batch on the test split (does not touch training)
 
@@ -104,13 +92,14 @@ def check(run: Run, setup: Setup) -> None:
     if run.method == ZERO_SHOT:
         return
     from ..cli import build_parser
-    from ..train import methods, options
+    from ..methods import registry
+    from ..train import options
 
     try:
         args = build_parser().parse_args(train_argv(run, setup, os.devnull))
     except SystemExit:
         raise ValueError(f"{run.label}: bad `peftkit train` options {run.flags}") from None
-    methods.resolve(run.method, options.method_options(options.resolve(args)))
+    registry.resolve(run.method, options.method_options(options.resolve(args)))
 
 
 class Progress:

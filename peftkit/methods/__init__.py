@@ -1,6 +1,2 @@
-"""One module per PEFT method; importing this package registers them all."""
-
-from . import adapter, ia3, lora, prompt, qlora  # noqa: F401
-from .base import METHODS, AdapterLayer, Method, ModulesToSaveWrapper
-
-__all__ = ["METHODS", "AdapterLayer", "Method", "ModulesToSaveWrapper"]
+"""One module per method, each exporting its `MethodSpec` (see `spec`); `registry` lists them.
+`base` (the layer protocol) and `modules_to_save` hold what the methods share."""

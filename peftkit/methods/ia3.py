@@ -30,8 +30,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import quant, targets
-from ..config import PeftConfig, PeftType, check, register_config
-from .base import Method, WrappedLayer, add_modules_to_save, register_method, replace_module
+from ..config import PeftConfig, PeftType, check
+from ..train.ranges import csv_list
+from .base import Injector, WrappedLayer, replace_module
+from .modules_to_save import add_modules_to_save
+from .spec import TARGET_MODULES, MethodSpec, PlannerSupport
 
 # PEFT's defaults for models whose config names no target_modules / feedforward_modules.
 DEFAULT_TARGETS = {
@@ -44,7 +47,6 @@ DEFAULT_TARGETS = {
 }
 
 
-@register_config
 @dataclasses.dataclass
 class IA3Config(PeftConfig):
     """(IA)^3 with Hugging Face PEFT's names, defaults and JSON layout."""
@@ -180,9 +182,7 @@ def _adapter_dtype(base: nn.Module, autocast: bool) -> torch.dtype:
     return torch.float32 if autocast or not dtype.is_floating_point else dtype
 
 
-class IA3Method(Method):
-    config_cls = IA3Config
-
+class IA3Injector(Injector):
     def inject(self, model: nn.Module, config: IA3Config, name: str,
                autocast_adapter_dtype: bool = True) -> None:
         if config.target_modules is None:
@@ -203,4 +203,16 @@ class IA3Method(Method):
         add_modules_to_save(model, config.modules_to_save, name)
 
 
-register_method(IA3Method())
+SPEC = MethodSpec(
+    name="ia3", help="learned scaling vectors on activations (Liu et al., 2022)",
+    config_cls=IA3Config, injector=IA3Injector(),
+    flags={
+        "target_modules": TARGET_MODULES,
+        "feedforward_modules": dict(type=csv_list, default=None,
+                                    help="the target_modules whose input is scaled, not "
+                                         "their output (default: the model type's PEFT default)"),
+    },
+    planner=PlannerSupport(uncounted="the outputs (inputs, for feedforward_modules) that the "
+                           "scaling vectors save for backward are not counted"),
+    learning_rate=3e-3,
+)

@@ -34,9 +34,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .. import targets
-from ..config import PeftConfig, PeftType, check, register_config
-from .base import (Method, ModulesToSaveWrapper, WrappedLayer, add_modules_to_save,
-                   register_method, replace_module)
+from ..config import PeftConfig, PeftType, check
+from ..train.ranges import csv_list, fraction, positive_float, positive_int
+from .base import Injector, WrappedLayer, replace_module
+from .modules_to_save import ModulesToSaveWrapper, add_modules_to_save
+from .spec import TARGET_MODULES, Finding, MethodSpec, PlannerSupport
 from .lora_fn import lora_forward
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -57,7 +59,6 @@ DEFAULT_TARGETS = {
 }
 
 
-@register_config
 @dataclasses.dataclass
 class LoraConfig(PeftConfig):
     """LoRA hyper-parameters, with Hugging Face PEFT's names, defaults and JSON layout."""
@@ -270,9 +271,7 @@ class LoraLinear(WrappedLayer):
         return y
 
 
-class LoraMethod(Method):
-    config_cls = LoraConfig
-
+class LoraInjector(Injector):
     def inject(self, model: nn.Module, config: LoraConfig, name: str,
                autocast_adapter_dtype: bool = True) -> None:
         if config.target_modules is None:
@@ -329,4 +328,88 @@ def wrapper_for(base_layer: nn.Module) -> type[LoraLinear]:
     return next((cls for accepts, cls in WRAPPERS if accepts(base_layer)), LoraLinear)
 
 
-register_method(LoraMethod())
+
+@dataclasses.dataclass
+class LoraSite:
+    """A LoRA-wrapped linear layer: what its branch saves for backward (`planner.activations`)."""
+
+    path: str
+    in_features: int
+    r: int
+    dropout: float
+    dtype: torch.dtype
+
+
+def planner_sites(model: nn.Module) -> list[LoraSite]:
+    """The active LoRA branches of `model`, for the memory plan."""
+    return [LoraSite(path, m.in_features, m.r[name], getattr(m.lora_dropout[name], "p", 0.0),
+                     m.lora_A[name].weight.dtype)
+            for path, m in model.named_modules() if isinstance(m, LoraLinear)
+            for name in m.active_adapters]
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query", "key", "value",
+             "query_key_value", "qkv_proj", "Wqkv")
+
+
+def doctor_checks(cfg: dict) -> list[Finding]:
+    """The rules of thumb of the LoRA literature and common practice (Hu et al., 2021; Dettmers
+    et al., 2023; PEFT's docs): r between 8 and 32 (64 at most), alpha = 2r, lr 1e-4 to 2e-4,
+    q_proj and v_proj first (attention projections), embed_tokens and lm_head usually not."""
+    out: list[Finding] = []
+    r = cfg.get("r", 8)
+    if isinstance(r, int) and r < 8:
+        out.append(Finding("warning", "rank-low", f"r={r} is below 8: the update may be too "
+                           "low-rank to learn the task.", "use r between 8 and 32."))
+    if isinstance(r, int) and r > 64:
+        out.append(Finding("warning", "rank-high", f"r={r} is above 64: more memory and "
+                           "overfitting risk for little gain.", "use r between 8 and 32."))
+    alpha = cfg.get("lora_alpha")
+    if isinstance(r, int) and alpha is not None and alpha != 2 * r:
+        out.append(Finding("info", "alpha", f"lora_alpha={alpha} is not 2r={2 * r}; the update "
+                           f"is scaled by alpha/r={alpha / r:g}.",
+                           f"set lora_alpha={2 * r} unless you tuned it."))
+    lr = cfg.get("learning_rate")
+    if lr is not None and float(lr) < 1e-4:
+        out.append(Finding("warning", "lr-low", f"learning_rate={lr} is below 1e-4: LoRA learns "
+                           "slowly at full fine-tuning rates.", "use 1e-4 to 2e-4."))
+    if lr is not None and float(lr) > 1e-3:
+        out.append(Finding("warning", "lr-high", f"learning_rate={lr} is above 1e-3: training "
+                           "may diverge.", "use 1e-4 to 2e-4."))
+    tm = cfg.get("target_modules")
+    tm = csv_list(tm) if isinstance(tm, str) else tm
+    if isinstance(tm, list):
+        leaves = {t.rsplit(".", 1)[-1] for t in tm}
+        for bad in ("embed_tokens", "lm_head"):
+            if bad in leaves:
+                out.append(Finding("warning", "targets-embeddings", f"target_modules has {bad}: "
+                                   "large, rarely helps, and changes the vocabulary layers.",
+                                   f"drop {bad} (use modules_to_save if you added tokens)."))
+        if not leaves & set(ATTENTION):
+            out.append(Finding("warning", "no-attention", f"target_modules={tm} has no attention "
+                               "projection.", "target q_proj and v_proj first (or all-linear)."))
+    dropout = cfg.get("lora_dropout")
+    if dropout is not None and not 0 <= float(dropout) < 1:
+        out.append(Finding("error", "dropout", f"lora_dropout={dropout} is outside [0, 1).",
+                           "use 0 to 0.1."))
+    elif dropout is not None and float(dropout) > 0.3:
+        out.append(Finding("warning", "dropout", f"lora_dropout={dropout} is above 0.3: the "
+                           "adapter sees too little signal.", "use 0 to 0.1."))
+    return out
+
+
+FLAGS: dict[str, dict[str, Any]] = {
+    "r": dict(type=positive_int, default=8, help="LoRA rank"),
+    "lora_alpha": dict(type=positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)"),
+    "lora_dropout": dict(type=fraction, default=0.05, help="dropout on the LoRA branch"),
+    "target_modules": TARGET_MODULES,
+    "use_rslora": dict(action="store_true", default=False, help="rsLoRA scaling alpha/sqrt(r)"),
+}
+
+SPEC = MethodSpec(
+    name="lora", help="low-rank adapters on linear layers (Hu et al., 2021)",
+    config_cls=LoraConfig, injector=LoraInjector(), flags=FLAGS, checks=doctor_checks,
+    planner=PlannerSupport(lora_sites=planner_sites), learning_rate=1e-3,
+    compare_flags={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+                   "target_modules": "q_proj,k_proj,v_proj,o_proj"},
+)

@@ -39,9 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, TaskType, check, register_config
-from .base import (AdapterLayer, Method, ModulesToSaveWrapper, add_modules_to_save,
-                   register_method)
+from ..config import PeftConfig, PeftType, TaskType, check
+from ..train.ranges import positive_int
+from .base import Injector, TunerLayer
+from .modules_to_save import ModulesToSaveWrapper, add_modules_to_save
+from .spec import MethodSpec
 
 ATTRIBUTE = "prompt_encoder"  # where the prompt layer sits on the wrapped model
 
@@ -52,7 +54,6 @@ class PromptTuningInit(str, enum.Enum):
     RANDOM = "RANDOM"
 
 
-@register_config
 @dataclasses.dataclass
 class PromptTuningConfig(PeftConfig):
     """Prompt tuning with Hugging Face PEFT's keys and defaults.
@@ -116,7 +117,7 @@ def _is_pos_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-class PromptEncoder(AdapterLayer):
+class PromptEncoder(TunerLayer):
     """The named soft prompts of a model, and the hooks that prepend the active one.
 
     `embedding[name].weight`: (n, d). It is saved under PEFT's global key `prompt_embeddings`.
@@ -268,9 +269,7 @@ def _init_weight(config: PromptTuningConfig, embeddings: nn.Module, dtype: torch
         return embeddings(ids.to(weight.device)).detach().clone().to(dtype)
 
 
-class PromptTuningMethod(Method):
-    config_cls = PromptTuningConfig
-
+class PromptTuningInjector(Injector):
     def inject(self, model: nn.Module, config: PromptTuningConfig, name: str,
                autocast_adapter_dtype: bool = True) -> None:
         embeddings = model.get_input_embeddings()
@@ -295,4 +294,17 @@ class PromptTuningMethod(Method):
         add_modules_to_save(model, config.modules_to_save, name, PromptModulesToSave)
 
 
-register_method(PromptTuningMethod())
+SPEC = MethodSpec(
+    name="prompt", help="a trained soft prompt before the input (Lester et al., 2021)",
+    config_cls=PromptTuningConfig, injector=PromptTuningInjector(),
+    flags={
+        "num_virtual_tokens": dict(type=positive_int, default=20, help="soft prompt length"),
+        "prompt_tuning_init": dict(default="RANDOM", choices=["RANDOM", "TEXT", "SAMPLE_VOCAB"],
+                                   help="how the soft prompt starts"),
+        "prompt_tuning_init_text": dict(default=None, help="text whose embeddings start the "
+                                        "prompt (with --prompt-tuning-init TEXT)"),
+    },
+    merges=False, learning_rate=3e-2,
+    compare_flags={"num_virtual_tokens": 20, "prompt_tuning_init": "TEXT",
+                   "prompt_tuning_init_text": "Answer with the exact result only."},
+)

@@ -1,5 +1,8 @@
 """QLoRA: LoRA over a frozen k-bit base (Dettmers et al., 2023, arXiv:2305.14314).
 
+`SPEC` is LoRA's with the base loaded in 4-bit (`--quant-type`, double-quantized, blocks of 64)
+and prepared for k-bit training; the adapter and its files are LoRA's.
+
 The base weight W0 (out, in) stays quantized in a bitsandbytes layer: `Linear4bit` (NF4 or FP4
 codes, blocks of 64, optionally double-quantized scales) or `Linear8bitLt` (LLM.int8). The
 base matmul runs in the layer's compute dtype with bitsandbytes' kernels; the LoRA branch is
@@ -21,11 +24,13 @@ absmax itself under double quantization. For an exact merge,
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 
 from .. import quant
+from . import lora
 from .lora import LoraLinear, register_wrapper
 
 
@@ -79,3 +84,11 @@ class KbitLoraLinear(LoraLinear):
 
 
 register_wrapper(lambda layer: quant.kbit_kind(layer) is not None, KbitLoraLinear)
+
+SPEC = dataclasses.replace(
+    lora.SPEC, name="qlora", help="LoRA over a frozen 4-bit base (Dettmers et al., 2023)",
+    flags={**lora.FLAGS, "quant_type": dict(
+        default="nf4", choices=list(quant.QLORA_TYPES),
+        help="4-bit data type of the frozen base (double-quantized, blocks of 64)")},
+    kbit_base=True, compare_flags={**lora.SPEC.compare_flags, "quant_type": "nf4"},
+)

@@ -1,44 +1,27 @@
 """Best-practice checks of a training configuration and its data (`peftkit doctor`).
 
-The rules of thumb come from the LoRA literature and common practice (Hu et al., 2021; Dettmers
-et al., 2023; PEFT's docs): r between 8 and 32 (64 at most), alpha = 2r, lr 1e-4 to 2e-4 for LoRA,
-q_proj and v_proj first (attention projections), embed_tokens and lm_head usually not. The
-pitfalls checked: rank too low, wrong modules, learning rate too small, unbalanced data.
-Each `Finding` carries a severity (error > warning > info), the reason and the fix. `peftkit
-train` runs `check_config` and `check_data` at start and prints the findings as warnings.
+A configuration is a dict of `peftkit train` options (YAML keys or flags). The doctor names keys
+that are no `peftkit train` option, an unknown method and options that do not apply to the method,
+then runs the method's own rules of thumb (`MethodSpec.checks`, e.g. LoRA's rank, alpha, learning
+rate and targets). The data checks cover size, duplicates, unbalanced targets and lengths, and
+truncation. Each `Finding` carries a severity (error > warning > info), the reason and the fix.
+`peftkit train` does not run these checks; `peftkit doctor` does.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
-import dataclasses
 import difflib
 import json
-import os
 import statistics
 
+from ..methods import registry
+from ..methods.spec import Finding
+from ..train import options
+from ..train.rows import read_rows
+
 SEVERITIES = ("error", "warning", "info")
-# `peftkit train` flags (issue 5) as YAML keys; dashed spellings are accepted too.
-TRAIN_KEYS = ("method", "model", "data", "eval_data", "config", "r", "lora_alpha", "lora_dropout",
-              "target_modules", "learning_rate", "batch_size", "grad_accum", "epochs", "max_steps",
-              "max_length", "warmup_steps", "lr_scheduler", "fp16", "bf16", "seed", "output_dir",
-              "logging_steps", "eval_steps", "save_steps", "packing", "resume", "overwrite")
-LORA_METHODS = ("lora", "qlora")
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query", "key", "value",
-             "query_key_value", "qkv_proj", "Wqkv")
 MIN_ROWS = 100
-
-
-@dataclasses.dataclass
-class Finding:
-    severity: str  # error | warning | info
-    check: str
-    reason: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"[{self.severity}] {self.check}: {self.reason} Fix: {self.fix}"
 
 
 def normalize(config: dict) -> dict:
@@ -46,81 +29,30 @@ def normalize(config: dict) -> dict:
     return {str(k).lstrip("-").replace("-", "_"): v for k, v in config.items()}
 
 
-def _targets(value) -> list[str] | str:
-    if isinstance(value, str) and value != "all-linear":
-        return [t.strip() for t in value.split(",") if t.strip()]
-    return value
-
-
 def check_config(config: dict) -> list[Finding]:
-    """Findings for a `peftkit train` configuration (YAML keys or flags, see `TRAIN_KEYS`)."""
+    """Findings for a `peftkit train` configuration (see the module docstring)."""
     cfg = normalize(config)
+    known = ["config", *options.specs()]
     out: list[Finding] = []
-    for key in sorted(set(cfg) - set(TRAIN_KEYS)):
-        close = difflib.get_close_matches(key, TRAIN_KEYS, n=1)
+    for key in sorted(set(cfg) - set(known)):
+        close = difflib.get_close_matches(key, known, n=1)
         out.append(Finding("warning", "unknown-key", f"`{key}` is not a `peftkit train` option.",
                            f"rename it to `{close[0]}`." if close else "remove it."))
-    method = cfg.get("method", "lora")
-    if method not in LORA_METHODS:
-        return out
-    r = cfg.get("r", 8)
-    if isinstance(r, int) and r < 8:
-        out.append(Finding("warning", "rank-low", f"r={r} is below 8: the update may be too "
-                           "low-rank to learn the task.", "use r between 8 and 32."))
-    if isinstance(r, int) and r > 64:
-        out.append(Finding("warning", "rank-high", f"r={r} is above 64: more memory and "
-                           "overfitting risk for little gain.", "use r between 8 and 32."))
-    alpha = cfg.get("lora_alpha")
-    if isinstance(r, int) and alpha is not None and alpha != 2 * r:
-        out.append(Finding("info", "alpha", f"lora_alpha={alpha} is not 2r={2 * r}; the update "
-                           f"is scaled by alpha/r={alpha / r:g}.",
-                           f"set lora_alpha={2 * r} unless you tuned it."))
-    lr = cfg.get("learning_rate")
-    if lr is not None and float(lr) < 1e-4:
-        out.append(Finding("warning", "lr-low", f"learning_rate={lr} is below 1e-4: LoRA learns "
-                           "slowly at full fine-tuning rates.", "use 1e-4 to 2e-4."))
-    if lr is not None and float(lr) > 1e-3:
-        out.append(Finding("warning", "lr-high", f"learning_rate={lr} is above 1e-3: training "
-                           "may diverge.", "use 1e-4 to 2e-4."))
-    tm = _targets(cfg.get("target_modules"))
-    if isinstance(tm, list):
-        leaves = {t.rsplit(".", 1)[-1] for t in tm}
-        for bad in ("embed_tokens", "lm_head"):
-            if bad in leaves:
-                out.append(Finding("warning", "targets-embeddings", f"target_modules has {bad}: "
-                                   "large, rarely helps, and changes the vocabulary layers.",
-                                   f"drop {bad} (use modules_to_save if you added tokens)."))
-        if not leaves & set(ATTENTION):
-            out.append(Finding("warning", "no-attention", f"target_modules={tm} has no attention "
-                               "projection.", "target q_proj and v_proj first (or all-linear)."))
-    dropout = cfg.get("lora_dropout")
-    if dropout is not None and not 0 <= float(dropout) < 1:
-        out.append(Finding("error", "dropout", f"lora_dropout={dropout} is outside [0, 1).",
-                           "use 0 to 0.1."))
-    elif dropout is not None and float(dropout) > 0.3:
-        out.append(Finding("warning", "dropout", f"lora_dropout={dropout} is above 0.3: the "
-                           "adapter sees too little signal.", "use 0 to 0.1."))
-    return out
+    method = cfg.get("method", options.OPTIONS["method"][1])
+    if method not in registry.SPECS:
+        return out + [Finding("error", "unknown-method", f"method `{method}` is not known.",
+                              f"use one of {', '.join(registry.SPECS)}.")]
+    spec = registry.SPECS[method]
+    for key in sorted(set(cfg) & set(registry.all_flags()) - set(spec.flags)):
+        out.append(Finding("error", "not-for-method", f"`{key}` does not apply to method "
+                           f"`{method}`; `peftkit train` refuses it.", "remove it, or use one of "
+                           f"the methods it applies to: {', '.join(registry.users(key))}."))
+    return out + (spec.checks(cfg) if spec.checks else [])
 
 
-def read_rows(path: str) -> list[dict]:
-    """Rows of a JSONL, JSON (list) or CSV file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        if path.endswith(".csv"):
-            return list(csv.DictReader(fh))
-        if path.endswith(".json"):
-            rows = json.load(fh)
-            return rows if isinstance(rows, list) else rows.get("data", [])
-        rows = []
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({err})") from None
-        return rows
+def data_rows(path: str) -> list[dict]:
+    """The rows of a data file, read as `peftkit train` reads them (`train.rows`)."""
+    return [row.data for row in read_rows(path)]
 
 
 def split(row: dict) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """The training memory plan: weights, gradients, optimizer states, activations, logits, total.
 
-- weights: frozen base tensors in the compute dtype, or NF4 + constants for QLoRA (`quant`);
+- weights: frozen base tensors in the compute dtype, or NF4 + constants for QLoRA (`nf4`);
   trainable tensors in their own dtype (LoRA adapters are fp32, PEFT's autocast_adapter_dtype).
 - gradients: one per trainable parameter, in its dtype.
 - optimizer: torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype (8 bytes for fp32);
@@ -35,7 +35,7 @@ import dataclasses
 import torch
 
 from ..loss import CHUNK_SIZE, FUSABLE_MODEL_TYPES
-from . import quant
+from . import nf4
 from .activations import Activations, Arch, activations
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -91,7 +91,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _adam8bit_bytes(n: int) -> int:
     if n < 4096:
         return 8 * n
-    return 2 * (n + 4 * quant.ceil_div(n, 256))
+    return 2 * (n + 4 * nf4.ceil_div(n, 256))
 
 
 def memory_plan(census, model_config, settings: Settings, method_full: bool) -> Plan:
@@ -101,9 +101,9 @@ def memory_plan(census, model_config, settings: Settings, method_full: bool) -> 
     grads = opt = dequant = 0
     for t in census.tensors:
         if t.quantized and not t.trainable:
-            weights["nf4"] = weights.get("nf4", 0) + quant.nf4_bytes(t.numel)
+            weights["nf4"] = weights.get("nf4", 0) + nf4.nf4_bytes(t.numel)
             key = "nf4 constants"
-            weights[key] = weights.get(key, 0) + quant.nf4_constant_bytes(
+            weights[key] = weights.get(key, 0) + nf4.nf4_constant_bytes(
                 t.numel, settings.double_quant)
             dequant = max(dequant, t.numel * e)
             continue

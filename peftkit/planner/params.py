@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from .. import targets
-from .methods import MethodSpec
+from ..methods.spec import MethodSpec
 
 
 @dataclasses.dataclass
@@ -24,22 +24,11 @@ class Tensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     trainable: bool
-    quantized: bool  # stored in NF4 (QLoRA's frozen linear weights)
+    quantized: bool  # stored in NF4 (the frozen linear weights of a k-bit-base method: QLoRA)
 
     @property
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())
-
-
-@dataclasses.dataclass
-class LoraSite:
-    """A LoRA-wrapped linear layer: what its branch saves for backward."""
-
-    path: str
-    in_features: int
-    r: int
-    dropout: float
-    dtype: torch.dtype
 
 
 @dataclasses.dataclass
@@ -49,7 +38,7 @@ class Census:
     trainable: int
     total: int
     tensors: list[Tensor]
-    lora: list[LoraSite]
+    lora: list  # the LoRA branches whose activations the plan adds (`methods.lora.LoraSite`)
     peft_config: object | None  # None for full fine-tuning
 
     @property
@@ -61,7 +50,6 @@ def census(model_config, spec: MethodSpec, peft_config, dtype: torch.dtype) -> C
     """Count the parameters of `model_config` adapted by `spec` / `peft_config` (see module doc)."""
     from transformers import AutoModelForCausalLM
 
-    from ..methods.lora import LoraLinear
     from ..model import get_peft_model
 
     with torch.device("meta"):
@@ -69,7 +57,7 @@ def census(model_config, spec: MethodSpec, peft_config, dtype: torch.dtype) -> C
     head = targets.output_head_path(model)
     quantizable = {
         id(m.weight) for n, m in targets.named_modules(model)
-        if spec.quantized and isinstance(m, torch.nn.Linear) and n != head
+        if spec.kbit_base and isinstance(m, torch.nn.Linear) and n != head
     }
     if peft_config is None:
         trainable = total = sum(p.numel() for p in model.parameters())
@@ -78,10 +66,5 @@ def census(model_config, spec: MethodSpec, peft_config, dtype: torch.dtype) -> C
         trainable, total = model.get_nb_trainable_parameters()
     tensors = [Tensor(n, tuple(p.shape), p.dtype, p.requires_grad, id(p) in quantizable)
                for n, p in model.named_parameters()]
-    lora = [
-        LoraSite(path, m.in_features, m.r[name], getattr(m.lora_dropout[name], "p", 0.0),
-                 m.lora_A[name].weight.dtype)
-        for path, m in model.named_modules() if isinstance(m, LoraLinear)
-        for name in m.active_adapters
-    ]
+    lora = spec.planner.lora_sites(model) if spec.planner.lora_sites else []
     return Census(trainable, total, tensors, lora, peft_config)

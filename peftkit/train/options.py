@@ -13,88 +13,115 @@ import argparse
 from typing import Any
 
 from ..errors import UserError, require
-from . import methods
+from ..methods import registry
 from .inputs import read_text
-from .ranges import fraction, non_negative_float, non_negative_int, number, positive_float, \
-    positive_int
+from .ranges import csv_list, fraction, non_negative_float, non_negative_int, number, \
+    positive_float, positive_int
 
 REQUIRED = ("data", "output_dir")
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
-_DEFAULTS: dict[str, Any] = {}
-_SPECS: dict[str, dict[str, Any]] = {}  # dest -> the argparse keywords (type, action, choices)
+DATA, TRAINING = "data", "training (transformers TrainingArguments)"
+METHOD_GROUP = "method options (each applies to some methods only)"
 _BOOLEAN = ("store_true", argparse.BooleanOptionalAction)
 
 
-def _add(group, flag: str, default: Any = None, **kwargs) -> None:
-    dest = flag[2:].replace("-", "_")
-    _DEFAULTS[dest] = default
-    _SPECS[dest] = kwargs
-    if default not in (None, False) and "help" in kwargs:
-        kwargs["help"] += f" (default: {default})"
-    group.add_argument(flag, dest=dest, default=None, **kwargs)
+def _option(flag: str, default: Any = None, group: str | None = None, **kwargs) -> tuple:
+    return flag[2:].replace("-", "_"), (flag, default, group, kwargs)
+
+
+# dest -> (flag, built-in default, help group, argparse keywords); method options come from
+# `methods.registry`.
+OPTIONS: dict[str, tuple[str, Any, str | None, dict[str, Any]]] = dict([
+    _option("--method", "lora", help=f"one of {', '.join(registry.SPECS)}"),
+    _option("--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)"),
+    _option("--data", group=DATA,
+            help="training data: .jsonl, .json, .csv, .parquet or a datasets folder"),
+    _option("--eval-data", group=DATA, help="evaluation data (same formats)"),
+    _option("--eval-split", 0.0, DATA, type=fraction,
+            help="hold out this fraction of --data for evaluation when there is no --eval-data"),
+    _option("--test-data", group=DATA, help="held-out data: after training, exact match of "
+            "greedy answers and loss go into run_summary.json"),
+    _option("--max-new-tokens", 64, DATA, type=positive_int, help="answer length for --test-data"),
+    _option("--max-length", 512, DATA, type=positive_int, help="truncate rows to this many tokens"),
+    _option("--packing", False, DATA, action="store_true",
+            help="pack rows into --max-length sequences"),
+    _option("--output-dir", group=TRAINING, help="where checkpoints, logs and the adapter go"),
+    _option("--overwrite", False, TRAINING, action="store_true",
+            help="write into an existing output dir"),
+    _option("--resume", group=TRAINING, nargs="?", const=True, metavar="CHECKPOINT",
+            help="continue from the last complete checkpoint in --output-dir (or from "
+                 "CHECKPOINT)"),
+    _option("--batch-size", 4, TRAINING, type=positive_int, help="per-device batch size"),
+    _option("--eval-batch-size", group=TRAINING, type=positive_int,
+            help="batch size of evaluation and --test-data (default: --batch-size)"),
+    _option("--grad-accum", 4, TRAINING, type=positive_int, help="gradient accumulation steps"),
+    _option("--epochs", 3.0, TRAINING, type=non_negative_float, help="training epochs"),
+    _option("--max-steps", -1, TRAINING, type=number(int, -1),
+            help="optimizer steps; overrides --epochs when > 0"),
+    _option("--learning-rate", 2e-4, TRAINING, type=positive_float, help="peak learning rate"),
+    _option("--weight-decay", 0.0, TRAINING, type=non_negative_float, help="AdamW weight decay"),
+    _option("--warmup-steps", 0, TRAINING, type=non_negative_int, help="linear warm-up steps"),
+    _option("--lr-scheduler", "linear", TRAINING, help="linear, cosine, constant, ..."),
+    _option("--max-grad-norm", 1.0, TRAINING, type=non_negative_float,
+            help="gradient clipping norm (0: no clipping)"),
+    _option("--fp16", False, TRAINING, action="store_true", help="fp16 mixed precision (GPU)"),
+    _option("--bf16", False, TRAINING, action="store_true", help="bf16 mixed precision"),
+    _option("--gradient-checkpointing", False, TRAINING, action="store_true",
+            help="recompute activations in the backward pass"),
+    _option("--fused-loss", True, TRAINING, action=argparse.BooleanOptionalAction,
+            help="training steps of a supported causal LM compute the loss chunk by chunk from "
+                 "hidden states, never holding the (batch, length, vocab) logits; same loss as "
+                 "transformers' (--no-fused-loss: theirs)"),
+    _option("--seed", 42, TRAINING, type=number(int, 0, below=2**32),
+            help="seed for initialization and data order"),
+    _option("--logging-steps", 10, TRAINING, type=positive_int, help="log the loss every N steps"),
+    _option("--eval-steps", group=TRAINING, type=positive_int,
+            help="evaluate every N steps (default: each epoch)"),
+    _option("--save-steps", group=TRAINING, type=positive_int,
+            help="checkpoint every N steps (default: each epoch)"),
+    _option("--save-total-limit", 2, TRAINING, type=positive_int, help="checkpoints kept"),
+    _option("--report-to", "none", TRAINING, choices=list(REPORT_TO),
+            help="send the training logs to this tracker too (its package must be installed)"),
+])
+
+
+def specs() -> dict[str, dict[str, Any]]:
+    """Every `peftkit train` option (`--config` aside): dest -> argparse keywords (type, action,
+    choices, help), the method options included."""
+    return {**{dest: kwargs for dest, (_, _, _, kwargs) in OPTIONS.items()},
+            **{name: {k: v for k, v in flag.items() if k != "default"}
+               for name, flag in registry.all_flags().items()}}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option with default None, so that `resolve` sees which were given."""
     p.add_argument("--config", help="YAML file of options (keys = flag names in snake_case)")
-    _add(p, "--method", "lora", help=f"one of {', '.join(methods.METHODS)}")
-    _add(p, "--model", help="model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
-    d = p.add_argument_group("data")
-    _add(d, "--data", help="training data: .jsonl, .json, .csv, .parquet or a datasets folder")
-    _add(d, "--eval-data", help="evaluation data (same formats)")
-    _add(d, "--eval-split", 0.0, type=fraction,
-         help="hold out this fraction of --data for evaluation when there is no --eval-data")
-    _add(d, "--test-data", help="held-out data: after training, exact match of greedy answers "
-         "and loss go into run_summary.json")
-    _add(d, "--max-new-tokens", 64, type=positive_int, help="answer length for --test-data")
-    _add(d, "--max-length", 512, type=positive_int, help="truncate rows to this many tokens")
-    _add(d, "--packing", False, action="store_true", help="pack rows into --max-length sequences")
-    t = p.add_argument_group("training (transformers TrainingArguments)")
-    _add(t, "--output-dir", help="where checkpoints, logs and the adapter go")
-    _add(t, "--overwrite", False, action="store_true", help="write into an existing output dir")
-    _add(t, "--resume", nargs="?", const=True, metavar="CHECKPOINT",
-         help="continue from the last complete checkpoint in --output-dir (or from CHECKPOINT)")
-    _add(t, "--batch-size", 4, type=positive_int, help="per-device batch size")
-    _add(t, "--eval-batch-size", type=positive_int, help="batch size of evaluation and "
-         "--test-data (default: --batch-size)")
-    _add(t, "--grad-accum", 4, type=positive_int, help="gradient accumulation steps")
-    _add(t, "--epochs", 3.0, type=non_negative_float, help="training epochs")
-    _add(t, "--max-steps", -1, type=number(int, -1),
-         help="optimizer steps; overrides --epochs when > 0")
-    _add(t, "--learning-rate", 2e-4, type=positive_float, help="peak learning rate")
-    _add(t, "--weight-decay", 0.0, type=non_negative_float, help="AdamW weight decay")
-    _add(t, "--warmup-steps", 0, type=non_negative_int, help="linear warm-up steps")
-    _add(t, "--lr-scheduler", "linear", help="linear, cosine, constant, ...")
-    _add(t, "--max-grad-norm", 1.0, type=non_negative_float,
-         help="gradient clipping norm (0: no clipping)")
-    _add(t, "--fp16", False, action="store_true", help="fp16 mixed precision (GPU)")
-    _add(t, "--bf16", False, action="store_true", help="bf16 mixed precision")
-    _add(t, "--gradient-checkpointing", False, action="store_true",
-         help="recompute activations in the backward pass")
-    _add(t, "--fused-loss", True, action=argparse.BooleanOptionalAction,
-         help="training steps of a supported causal LM compute the loss chunk by chunk from "
-              "hidden states, never holding the (batch, length, vocab) logits; same loss as "
-              "transformers' (--no-fused-loss: theirs)")
-    _add(t, "--seed", 42, type=number(int, 0, below=2**32),
-         help="seed for initialization and data order")
-    _add(t, "--logging-steps", 10, type=positive_int, help="log the loss every N steps")
-    _add(t, "--eval-steps", type=positive_int, help="evaluate every N steps (default: each epoch)")
-    _add(t, "--save-steps", type=positive_int,
-         help="checkpoint every N steps (default: each epoch)")
-    _add(t, "--save-total-limit", 2, type=positive_int, help="checkpoints kept")
-    _add(t, "--report-to", "none", choices=list(REPORT_TO),
-         help="send the training logs to this tracker too (its package must be installed)")
-    m = p.add_argument_group("method options (each applies to some methods only)")
-    for name, spec in methods.all_flags().items():
-        kwargs = {k: v for k, v in spec.items() if k != "default"}
-        m.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kwargs)
+    groups = {None: p}
+    for dest, (flag, default, group, kwargs) in OPTIONS.items():
+        if group not in groups:
+            groups[group] = p.add_argument_group(group)
+        kwargs = dict(kwargs)
+        if default not in (None, False) and "help" in kwargs:
+            kwargs["help"] += f" (default: {default})"
+        groups[group].add_argument(flag, dest=dest, default=None, **kwargs)
+    add_method_arguments(p.add_argument_group(METHOD_GROUP))
+
+
+def add_method_arguments(group) -> None:
+    """Every method's flags, default None; the help names the methods each applies to."""
+    for name, flag in registry.all_flags().items():
+        kwargs = {k: v for k, v in flag.items() if k != "default"}
+        kwargs["help"] = f"{kwargs['help']} [{', '.join(registry.users(name))}]"
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kwargs)
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the options not given on the command line from `--config`, then the defaults, and
-    check them. Method flags stay `None` unless set, so `methods.resolve` can tell which were."""
+    check them. Method flags stay `None` unless set, so `registry.resolve` can tell which were."""
     given = {k: v for k, v in vars(args).items() if v is not None}
     from_file = load_yaml(args.config) if args.config else {}
-    merged = argparse.Namespace(**{**_DEFAULTS, **{k: None for k in methods.all_flags()},
+    defaults = {dest: default for dest, (_, default, _, _) in OPTIONS.items()}
+    merged = argparse.Namespace(**{**defaults, **{k: None for k in registry.all_flags()},
                                    **from_file, **given})
     check(merged)
     return merged
@@ -138,16 +165,16 @@ def load_yaml(path: str) -> dict[str, Any]:
                         f"{type(data).__name__}")
     lines = {str(key.value).replace("-", "_"): key.start_mark.line + 1 for key, _ in root.value}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    specs = {**_SPECS, **methods.all_flags()}
-    unknown = sorted(set(data) - set(specs))
+    known = specs()
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise UserError(f"{path}: unknown option(s) {unknown}; valid keys: {sorted(specs)}")
+        raise UserError(f"{path}: unknown option(s) {unknown}; valid keys: {sorted(known)}")
     typed = {}
     for key, value in data.items():
         if value is None:
             continue
         try:
-            typed[key] = _typed(value, specs[key])
+            typed[key] = _typed(value, known[key])
         except argparse.ArgumentTypeError as err:
             raise UserError(f"{path}:{lines.get(key, '?')}: {key}: {err}") from None
     return typed
@@ -163,7 +190,7 @@ def _typed(value: Any, spec: dict[str, Any]) -> Any:
         return value or None
     parse = spec.get("type")
     numeric = getattr(parse, "__name__", None) in ("int", "float")  # a `ranges.number` parser
-    if parse is methods.csv_list and isinstance(value, list):
+    if parse is csv_list and isinstance(value, list):
         if not all(isinstance(v, str) for v in value):
             raise argparse.ArgumentTypeError(f"expected a list of names, got {value!r}")
     elif numeric or isinstance(value, str):
@@ -177,4 +204,4 @@ def _typed(value: Any, spec: dict[str, Any]) -> Any:
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in methods.all_flags()}
+    return {name: getattr(args, name) for name in registry.all_flags()}

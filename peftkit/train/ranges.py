@@ -32,6 +32,7 @@ def number(kind: type, low: float | None = None, *, above: float | None = None,
         return out
 
     parse.__name__ = kind.__name__
+    parse.kind = kind  # the plain type, for readers that explain a bad value instead (doctor)
     return parse
 
 
@@ -40,3 +41,8 @@ non_negative_int = number(int, 0)
 positive_float = number(float, above=0)
 non_negative_float = number(float, 0)
 fraction = number(float, 0, below=1)  # a dropout probability or a held-out share
+
+
+def csv_list(text: str) -> list[str] | str:
+    """`q_proj,v_proj` -> a list; `all-linear` stays a string (PEFT's keyword)."""
+    return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]

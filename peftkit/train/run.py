@@ -25,8 +25,10 @@ from transformers import TrainerCallback
 
 from .. import outdir
 from ..checkpoint import atomic_write_text
+from ..methods import registry
 from ..model import PeftModel, get_peft_model
-from . import inputs, loading, methods, options
+from ..prepare import prepare_model_for_kbit_training
+from . import inputs, loading, options
 from .examples import Collator, load_examples, pack
 from .metrics import JsonlLogger, LogAtCheckpoints, available_report_to, draw_loss_curve, \
     loss_before, run_loss
@@ -186,11 +188,12 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
 
     # Every input is read and checked before the output dir is claimed and before the model
     # loads, so a bad one costs seconds and changes nothing.
-    spec, method_opts = methods.resolve(args.method, options.method_options(args))
+    spec, method_opts = registry.resolve(args.method, options.method_options(args))
     inputs.check_output_path(args.output_dir)
     inputs.check_model(args.model)
     args.report_to = available_report_to(args.report_to)
-    config = spec.config({**method_opts, "tokenizer_name_or_path": loading.model_path(args.model)})
+    config = spec.build_config({**method_opts,
+                                "tokenizer_name_or_path": loading.model_path(args.model)})
     tokenizer = loading.load_tokenizer(loading.model_path(args.model))
     data = load_examples(args.data, tokenizer, args.max_length)
     eval_data, test_data = (load_examples(path, tokenizer, args.max_length) if path else None
@@ -211,9 +214,9 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     resumed_loss = loss_before(resume)
 
     set_seed(args.seed)
-    model = loading.load_model(args.model, **spec.model_kwargs(method_opts))
-    if spec.prepare is not None:
-        model = spec.prepare(model)
+    model = loading.load_model(args.model, **spec.load_kwargs(method_opts))
+    if spec.kbit_base:  # checkpointing follows --gradient-checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config is not None:
         if args.gradient_checkpointing:
             model.enable_input_require_grads()

@@ -41,8 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, check, register_config
-from .base import AdapterLayer, Method, add_modules_to_save, register_method
+from ..config import PeftConfig, PeftType, check
+from ..train.ranges import positive_float
+from .base import Injector, TunerLayer
+from .modules_to_save import add_modules_to_save
+from .spec import MethodSpec, PlannerSupport
 
 VARIANTS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",)}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -78,7 +81,6 @@ ARCHITECTURES: dict[str, BlockLayout] = {
 }
 
 
-@register_config
 @dataclasses.dataclass
 class AdapterConfig(PeftConfig):
     """Bottleneck adapter hyper-parameters (peftkit's own `peft_type`: "BOTTLENECK").
@@ -170,7 +172,7 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(self.dropout(h))))
 
 
-class BottleneckLayer(AdapterLayer):
+class BottleneckLayer(TunerLayer):
     """The named adapters of one site, applied by a forward hook on the site's module.
 
     The layer sits next to the block's own modules (`<block>.<site>_adapter`); on disk adapter
@@ -232,7 +234,7 @@ def find_blocks(model: nn.Module) -> tuple[BlockLayout, str, nn.ModuleList]:
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"bottleneck adapters have no entry for model_type {model_type!r} (known: "
-            f"{sorted(ARCHITECTURES)}). Add one: peftkit.methods.adapter.ARCHITECTURES"
+            f"{sorted(ARCHITECTURES)}). Add one: peftkit.methods.bottleneck.ARCHITECTURES"
             f"[{model_type!r}] = BlockLayout(blocks='<path of the ModuleList of blocks>', "
             f"attention='<module in a block whose output is the attention output>', "
             f"mlp='<module in a block whose output is the MLP output>')"
@@ -249,9 +251,7 @@ def find_blocks(model: nn.Module) -> tuple[BlockLayout, str, nn.ModuleList]:
     return layout, *found[0]
 
 
-class AdapterMethod(Method):
-    config_cls = AdapterConfig
-
+class BottleneckInjector(Injector):
     def inject(self, model: nn.Module, config: AdapterConfig, name: str,
                autocast_adapter_dtype: bool = True) -> None:
         layout, _, blocks = find_blocks(model)
@@ -275,4 +275,18 @@ class AdapterMethod(Method):
         add_modules_to_save(model, config.modules_to_save, name)
 
 
-register_method(AdapterMethod())
+SPEC = MethodSpec(
+    name="adapter", help="bottleneck adapters after sub-layers (Houlsby et al., 2019)",
+    config_cls=AdapterConfig, injector=BottleneckInjector(),
+    flags={
+        "variant": dict(default="houlsby", choices=list(VARIANTS),
+                        help="houlsby: after attention and MLP; pfeiffer: after the MLP only"),
+        "reduction_factor": dict(type=positive_float, default=16.0,
+                                 help="bottleneck size = hidden size / reduction factor"),
+        "non_linearity": dict(default="relu", choices=list(ACTIVATIONS),
+                              help="activation inside the bottleneck"),
+    },
+    planner=PlannerSupport(uncounted="the bottleneck layers' own activations (their input, "
+                           "hidden units and output) are not counted"),
+    merges=False, learning_rate=1e-3, compare_flags={"variant": "houlsby", "reduction_factor": 16},
+)
