@@ -61,9 +61,9 @@ class App:
         self.models = tryout.Models()
 
     def info(self, _query) -> dict:
-        from ..train.methods import METHODS
+        from ..methods.registry import SPECS
 
-        return {"runs_dir": self.runs_dir, "methods": list(METHODS),
+        return {"runs_dir": self.runs_dir, "methods": list(SPECS),
                 "default_model": "embedded SmolLM2-135M-Instruct"}
 
     def plan(self, body: dict) -> dict:

@@ -97,7 +97,7 @@ def estimate_argv(settings: dict) -> list[str]:
     """`peftkit estimate --json` arguments: the LoRA fields as its flags; the method's other
     flags among the other flags (`--name value`, or a bare `--name` for true) as
     `--option name=value`; fp32 unless the other flags say --bf16 or --fp16, as in training."""
-    from ..train.methods import all_flags
+    from ..methods.registry import all_flags
 
     method = _given(settings, "method") or "lora"
     argv = ["estimate", "--json", "--model", _given(settings, "model") or ESTIMATE_MODEL,
