@@ -52,9 +52,10 @@ def _base_gguf(args, adapter):
     if args.base_gguf:
         return BaseGGUF(args.base_gguf)
     base = _base_name(adapter)
-    if base not in (None, models.DEFAULT_MODEL, HUB_IDS[models.DEFAULT_MODEL]):
-        raise UserError(f"the adapter was trained on {base!r}; pass --base-gguf with that "
-                        "model's GGUF (llama.cpp's convert_hf_to_gguf.py makes one)")
+    if base not in (models.DEFAULT_MODEL, HUB_IDS[models.DEFAULT_MODEL]):
+        raise UserError(f"the adapter's base model is {base!r}, not the embedded "
+                        f"{models.DEFAULT_MODEL}; pass --base-gguf with the base model's GGUF "
+                        "(llama.cpp's convert_hf_to_gguf.py makes one)")
     return BaseGGUF(models.default_gguf_path())
 
 
