@@ -43,7 +43,7 @@ def greedy_torch(model, prompts: list[list[int]]) -> tuple[list[list[int]], list
 
 def greedy_llamacpp(path: str, prompts, lora: str | None = None, eos: int = 2):
     llm = llama_cpp.Llama(model_path=path, lora_path=lora, n_ctx=256, n_threads=2,
-                          n_batch=256, verbose=False)
+                          n_batch=256, logits_all=True, verbose=False)  # scores kept
     answers, first_logits = [], []
     for ids in prompts:
         llm.reset()
