@@ -31,3 +31,10 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# The llama.cpp round trip of `peftkit export` (tests marked llamacpp). Needs llama-cpp-python,
+# built as docs/export.md says; `make test` runs these too, and skips them only without it.
+.PHONY: test-llamacpp
+test-llamacpp: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" || { echo "install llama-cpp-python first: docs/export.md"; exit 1; }
+	$(BIN)/python -m pytest -q -s -m llamacpp tests/test_export_llamacpp.py

@@ -18,7 +18,7 @@ import sys
 from .errors import UserError
 
 COMMANDS = ("train", "eval", "generate", "chat", "merge", "task", "compare", "sweep", "estimate",
-            "doctor", "ui")
+            "doctor", "export", "ui")
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:

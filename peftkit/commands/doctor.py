@@ -32,6 +32,8 @@ def register(subparsers) -> None:
         g.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **lenient(spec))
     p.add_argument("--tokenizer", help="tokenizer folder for exact token counts (else chars/4)")
     p.add_argument("--json", action="store_true", help="print the findings as a JSON list")
+    p.add_argument("--adapter", help="instead: which serving targets (peftkit export --format) "
+                                     "this saved adapter can go to as it is")
     p.set_defaults(func=run)
 
 
@@ -53,6 +55,12 @@ def load_yaml(path: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..planner import doctor
 
+    if args.adapter:
+        from ..export.adapter import Adapter, serving_targets
+
+        for target, verdict in serving_targets(Adapter.load(args.adapter)):
+            print(f"{target}: {verdict}")
+        return 0
     try:
         config = doctor.normalize(load_yaml(args.config)) if args.config else {}
         config.update({k: getattr(args, k) for k in options.specs() if getattr(args, k) is not None})
