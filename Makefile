@@ -32,9 +32,19 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV)
 
-# The llama.cpp round trip of `peftkit export` (tests marked llamacpp). Needs llama-cpp-python,
-# built as docs/export.md says; `make test` runs these too, and skips them only without it.
-.PHONY: test-llamacpp
+# llama-cpp-python for the llama.cpp round trip of `peftkit export` (docs/export.md): built once
+# from source with the portable flags, the wheel cached in ~/.cache/wheels.
+LLAMACPP := 0.3.36
+llamacpp: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
+	  ls ~/.cache/wheels/llama_cpp_python-$(LLAMACPP)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+	    $(BIN)/pip wheel --quiet --no-deps llama-cpp-python==$(LLAMACPP) -w ~/.cache/wheels; \
+	  $(BIN)/pip install --quiet ~/.cache/wheels/llama_cpp_python-$(LLAMACPP)-*.whl; }
+
+# The round trip's tests (marked llamacpp); `make test` runs them too, and skips them only
+# without llama-cpp-python.
+.PHONY: test-llamacpp llamacpp
 test-llamacpp: $(STAMP)
 	$(BIN)/python -c "import llama_cpp" || { echo "install llama-cpp-python first: docs/export.md"; exit 1; }
 	$(BIN)/python -m pytest -q -s -m llamacpp tests/test_export_llamacpp.py
