@@ -16,8 +16,8 @@ and `Trainer._save` writes anything that is neither that nor a `PreTrainedModel`
 
 For any other model both call the original functions, so transformers' behaviour is unchanged.
 accelerate's own `is_peft_model` (which TRL reads too) is not wrapped, and the Trainer's FSDP and
-DeepSpeed branches for PEFT models import `peft` itself: sharded training through the Trainer is
-not supported for peftkit models.
+DeepSpeed branches for PEFT models import `peft` itself: those branches do not work for peftkit
+models. Sharded training shards the model before the Trainer sees it (`peftkit.train.fsdp`).
 """
 
 from __future__ import annotations

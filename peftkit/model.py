@@ -372,7 +372,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"shape mismatch (key, file, model): {bad[:3]}")
         with torch.no_grad():
             for key, p in params.items():
-                p.copy_(state[key].to(p.dtype))
+                src = state[key].to(p.dtype)
+                if getattr(p, "device_mesh", None) is not None:  # a DTensor sharded by FSDP2
+                    from torch.distributed.tensor import distribute_tensor
+
+                    # this process's part of the file's tensor, cut locally
+                    src = distribute_tensor(src, p.device_mesh, p.placements, src_data_rank=None)
+                p.copy_(src)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",

@@ -67,9 +67,10 @@ def kbit_kind(module: nn.Module) -> str | None:
 
 
 def bnb_config(quant: str, compute_dtype: torch.dtype = torch.bfloat16,
-               double_quant: bool = True):
+               double_quant: bool = True, quant_storage: torch.dtype = torch.uint8):
     """transformers' `BitsAndBytesConfig` for `quant` in `QUANT_TYPES` (QLoRA's recipe for the
-    4-bit kinds: blocks of 64, double quantization, matmuls in `compute_dtype`)."""
+    4-bit kinds: blocks of 64, double quantization, matmuls in `compute_dtype`, codes packed in
+    `quant_storage` tensors)."""
     if quant not in QUANT_TYPES:
         raise ValueError(f"quantize={quant!r} is not known; use one of {QUANT_TYPES}")
     require_bnb(f"quantize={quant!r}")
@@ -79,7 +80,8 @@ def bnb_config(quant: str, compute_dtype: torch.dtype = torch.bfloat16,
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                               bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=quant_storage)
 
 
 def cpu_packed(layer: nn.Module) -> bool:
@@ -157,14 +159,18 @@ def kbit_device_map(env: Mapping[str, str] | None = None, cuda: bool | None = No
                      "(CUDA_VISIBLE_DEVICES)")
 
 
-def kbit_load_kwargs(quant_type: str) -> dict:
+def kbit_load_kwargs(quant_type: str, sharded: bool = False) -> dict:
     """`from_pretrained` keywords that load a base in 4-bit `quant_type` on this process's device
     (`kbit_device_map`): bf16 compute on CUDA; fp32 on CPU, where bf16 matmuls are emulated (10x
-    slower) on processors without AVX512-BF16."""
+    slower) on processors without AVX512-BF16. `sharded` (FSDP): the model loads in the compute
+    dtype and the 4-bit codes are stored in tensors of that dtype, so the sharded units hold one
+    dtype (PEFT's FSDP-QLoRA recipe: `bnb_4bit_quant_storage` = the model dtype)."""
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda else torch.float32
-    return {"quantization_config": bnb_config(quant_type, compute_dtype=compute),
-            "device_map": kbit_device_map(cuda=cuda)}
+    storage = compute if sharded else torch.uint8
+    return {"quantization_config": bnb_config(quant_type, compute_dtype=compute,
+                                              quant_storage=storage),
+            "device_map": kbit_device_map(cuda=cuda), **({"dtype": compute} if sharded else {})}
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:

@@ -32,6 +32,13 @@ def register(subparsers) -> None:
                    help="plan for `peftkit train --no-fused-loss` (the loss from full fp32 logits)")
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quant")
     p.add_argument("--gpu", help="GPU memory, e.g. 24GB or 80GiB: says whether the plan fits")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="number of GPUs (all nodes); with --fsdp the plan is per GPU")
+    p.add_argument("--fsdp", action="store_true",
+                   help="plan `peftkit train --fsdp`: weights, gradients and optimizer states "
+                        "sharded over --gpus")
+    p.add_argument("--fsdp-cpu-offload", action="store_true",
+                   help="with --fsdp: the shards live in CPU memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -53,8 +60,8 @@ def options_from(args) -> dict:
     return out
 
 
-def report(est, gpu: int | None) -> dict:
-    """The estimate as a JSON-ready dict (bytes are ints)."""
+def report(est, gpu: int | None, sharded=None) -> dict:
+    """The estimate as a JSON-ready dict (bytes are ints); `sharded`: a `ShardedPlan`."""
     plan, c = est.plan, est.census
     a = plan.activations
     out = {
@@ -80,9 +87,15 @@ def report(est, gpu: int | None) -> dict:
     uncounted = registry.spec(est.method).planner.uncounted
     if uncounted:
         out["not_counted"] = uncounted
+    if sharded is not None:
+        out["fsdp"] = {"gpus": sharded.gpus, "cpu_offload": sharded.cpu_offload,
+                       "shards": sharded.shards, "gathered_weights": sharded.gathered_weights,
+                       "gathered_gradients": sharded.gathered_gradients,
+                       "peak_moment": sharded.peak_moment,
+                       "per_gpu_total": sharded.gpu_total, "per_process_cpu": sharded.cpu_total}
     if gpu is not None:
         out["gpu_bytes"] = gpu
-        out["fits"] = plan.total <= gpu
+        out["fits"] = (sharded.gpu_total if sharded else plan.total) <= gpu
     return out
 
 
@@ -111,16 +124,29 @@ def print_report(r: dict) -> None:
     print(f"  activations: {r['activation_formula']}")
     if "not_counted" in r:
         print(f"  not counted: {r['not_counted']}")
+    total = b["total"]
+    if "fsdp" in r:
+        f = r["fsdp"]
+        total = f["per_gpu_total"]
+        where = "CPU memory of each process" if f["cpu_offload"] else "each GPU"
+        print(f"\nFSDP over {f['gpus']} GPUs, per GPU:")
+        for name, n in [(f"shards (in {where})", f["shards"]),
+                        ("gathered weights", f["gathered_weights"]),
+                        ("peak moment", f["peak_moment"]),
+                        ("  gathered gradients", f["gathered_gradients"]),
+                        ("total per GPU", total)]:
+            print(f"  {name:<34s} {gib(n):>12s}")
     if "fits" in r:
         verdict = "fits" if r["fits"] else "does NOT fit"
         print(f"\n{verdict} in {gib(r['gpu_bytes'])} "
-              f"({gib(abs(r['gpu_bytes'] - b['total']))} {'free' if r['fits'] else 'short'})")
+              f"({gib(abs(r['gpu_bytes'] - total))} {'free' if r['fits'] else 'short'})")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..planner import Settings, estimate, parse_size
+    from ..planner.sharded import sharded_plan
 
     try:
         gpu = parse_size(args.gpu) if args.gpu is not None else None
@@ -132,11 +158,15 @@ def run(args: argparse.Namespace) -> int:
                             checkpointing=args.gradient_checkpointing,
                             double_quant=not args.no_double_quant,
                             fused_loss=not args.no_fused_loss)
+        if args.fsdp_cpu_offload and not args.fsdp:
+            raise ValueError("--fsdp-cpu-offload plans --fsdp only")
         est = estimate(args.model, args.method, options_from(args), settings)
+        sharded = sharded_plan(est.census, est.plan, settings, args.gpus, args.fsdp_cpu_offload,
+                               method_full=est.census.peft_config is None) if args.fsdp else None
     except ValueError as err:
         print(f"peftkit estimate: error: {err}", file=sys.stderr)
         return 2
-    r = report(est, gpu)
+    r = report(est, gpu, sharded)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

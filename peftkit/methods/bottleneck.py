@@ -288,5 +288,6 @@ SPEC = MethodSpec(
     },
     planner=PlannerSupport(uncounted="the bottleneck layers' own activations (their input, "
                            "hidden units and output) are not counted"),
-    merges=False, learning_rate=1e-3, compare_flags={"variant": "houlsby", "reduction_factor": 16},
+    merges=False, shardable=True, learning_rate=1e-3,
+    compare_flags={"variant": "houlsby", "reduction_factor": 16},
 )

@@ -5,4 +5,4 @@ from __future__ import annotations
 from .spec import MethodSpec
 
 SPEC = MethodSpec(name="full", help="train every weight", config_cls=None, injector=None,
-                  merges=False, learning_rate=5e-5)
+                  merges=False, shardable=True, learning_rate=5e-5)

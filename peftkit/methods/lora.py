@@ -409,7 +409,7 @@ FLAGS: dict[str, dict[str, Any]] = {
 SPEC = MethodSpec(
     name="lora", help="low-rank adapters on linear layers (Hu et al., 2021)",
     config_cls=LoraConfig, injector=LoraInjector(), flags=FLAGS, checks=doctor_checks,
-    planner=PlannerSupport(lora_sites=planner_sites), learning_rate=1e-3,
+    planner=PlannerSupport(lora_sites=planner_sites), learning_rate=1e-3, shardable=True,
     compare_flags={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
                    "target_modules": "q_proj,k_proj,v_proj,o_proj"},
 )

@@ -71,6 +71,7 @@ class MethodSpec:
     planner: PlannerSupport | None = PlannerSupport()  # None: `estimate` refuses, saying why
     kbit_base: bool = False  # the frozen base is loaded in 4-bit (its `quant_type` flag)
     merges: bool = True  # its adapters fold into the base weights (`merge_and_unload`)
+    shardable: bool = False  # `peftkit train --fsdp` trains it (tested in tests/test_fsdp.py)
     learning_rate: float = 2e-4  # compare/sweep's default for this method
     compare_flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # the seed's settings
 
@@ -84,10 +85,11 @@ class MethodSpec:
         return self.config_cls(task_type=TaskType.CAUSAL_LM, **{
             k: v for k, v in options.items() if k in fields and v is not None})
 
-    def load_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
-        """`from_pretrained` keywords for the base model: 4-bit for a k-bit-base method."""
+    def load_kwargs(self, options: dict[str, Any], sharded: bool = False) -> dict[str, Any]:
+        """`from_pretrained` keywords for the base model: 4-bit for a k-bit-base method (stored
+        in the model dtype when `sharded`)."""
         if not self.kbit_base:
             return {}
         from ..quant import kbit_load_kwargs
 
-        return kbit_load_kwargs(options["quant_type"])
+        return kbit_load_kwargs(options["quant_type"], sharded=sharded)

@@ -94,6 +94,19 @@ def _adam8bit_bytes(n: int) -> int:
     return 2 * (n + 4 * nf4.ceil_div(n, 256))
 
 
+def stored_dtype(t, settings: Settings, method_full: bool) -> torch.dtype:
+    """The dtype a non-quantized tensor is held in: adapters keep their own (fp32), the base
+    model and a fully fine-tuned model the compute dtype."""
+    return t.dtype if t.trainable and not method_full else settings.dtype
+
+
+def weight_bytes(t, settings: Settings, method_full: bool) -> int:
+    """Bytes tensor `t` (a `params.Tensor`) occupies: NF4 codes and constants when quantized."""
+    if t.quantized and not t.trainable:
+        return nf4.nf4_bytes(t.numel) + nf4.nf4_constant_bytes(t.numel, settings.double_quant)
+    return t.numel * stored_dtype(t, settings, method_full).itemsize
+
+
 def memory_plan(census, model_config, settings: Settings, method_full: bool) -> Plan:
     """The plan for `census` (a `params.Census`) of `model_config` under `settings`."""
     e = settings.dtype.itemsize
@@ -107,7 +120,7 @@ def memory_plan(census, model_config, settings: Settings, method_full: bool) -> 
                 t.numel, settings.double_quant)
             dequant = max(dequant, t.numel * e)
             continue
-        dtype = t.dtype if t.trainable and not method_full else settings.dtype
+        dtype = stored_dtype(t, settings, method_full)
         name = _dtype_name(dtype)
         weights[name] = weights.get(name, 0) + t.numel * dtype.itemsize
         if t.trainable:

@@ -21,6 +21,7 @@ from .ranges import csv_list, fraction, non_negative_float, non_negative_int, nu
 REQUIRED = ("data", "output_dir")
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
 DATA, TRAINING = "data", "training (transformers TrainingArguments)"
+DISTRIBUTED = "more than one device (under torchrun)"
 METHOD_GROUP = "method options (each applies to some methods only)"
 _BOOLEAN = ("store_true", argparse.BooleanOptionalAction)
 
@@ -82,6 +83,22 @@ OPTIONS: dict[str, tuple[str, Any, str | None, dict[str, Any]]] = dict([
     _option("--save-total-limit", 2, TRAINING, type=positive_int, help="checkpoints kept"),
     _option("--report-to", "none", TRAINING, choices=list(REPORT_TO),
             help="send the training logs to this tracker too (its package must be installed)"),
+    _option("--fsdp", False, DISTRIBUTED, action="store_true",
+            help="shard the model over the torchrun processes with PyTorch FSDP2, one unit per "
+                 "decoder layer (transformers' --fsdp full_shard); methods full, lora, qlora, "
+                 "bottleneck"),
+    _option("--fsdp-reshard-after-forward", True, DISTRIBUTED,
+            action=argparse.BooleanOptionalAction,
+            help="free each layer's gathered weights after its forward and gather them again "
+                 "for backward (FULL_SHARD); --no-...: keep them until backward (SHARD_GRAD_OP)"),
+    _option("--fsdp-cpu-offload", False, DISTRIBUTED, action="store_true",
+            help="keep the sharded weights, gradients and optimizer states in CPU memory (GPU "
+                 "only; accelerate's fsdp_offload_params)"),
+    _option("--fsdp-transformer-layer-cls-to-wrap", group=DISTRIBUTED, type=csv_list,
+            help="class names of the modules that become FSDP units (default: the model's "
+                 "decoder layer, from its _no_split_modules)"),
+    _option("--deepspeed", group=DISTRIBUTED,
+            help="not supported (refused with an explanation): use --fsdp"),
 ])
 
 

@@ -28,7 +28,7 @@ from ..checkpoint import atomic_write_text
 from ..methods import registry
 from ..model import PeftModel, get_peft_model
 from ..prepare import prepare_model_for_kbit_training
-from . import inputs, loading, options
+from . import fsdp, inputs, loading, options
 from .examples import Collator, load_examples, pack
 from .metrics import JsonlLogger, LogAtCheckpoints, available_report_to, draw_loss_curve, \
     loss_before, run_loss
@@ -189,6 +189,7 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     # Every input is read and checked before the output dir is claimed and before the model
     # loads, so a bad one costs seconds and changes nothing.
     spec, method_opts = registry.resolve(args.method, options.method_options(args))
+    fsdp.check_options(args, spec)
     inputs.check_output_path(args.output_dir)
     inputs.check_model(args.model)
     args.report_to = available_report_to(args.report_to)
@@ -214,7 +215,7 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     resumed_loss = loss_before(resume)
 
     set_seed(args.seed)
-    model = loading.load_model(args.model, **spec.load_kwargs(method_opts))
+    model = loading.load_model(args.model, **spec.load_kwargs(method_opts, sharded=args.fsdp))
     if spec.kbit_base:  # checkpointing follows --gradient-checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config is not None:
@@ -226,7 +227,13 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     if training_args.should_save:
         for note in notes:
             print(f"peftkit train: {note}", flush=True)
-    trainer = AdapterTrainer(
+    trainable, total = _count_parameters(model)  # before sharding changes parameter types
+    if args.fsdp:
+        fsdp.shard(model, layers=args.fsdp_transformer_layer_cls_to_wrap,
+                   reshard_after_forward=args.fsdp_reshard_after_forward,
+                   cpu_offload=args.fsdp_cpu_offload)
+    trainer_cls = fsdp.ShardedTrainer if args.fsdp else AdapterTrainer
+    trainer = trainer_cls(
         model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
         callbacks=[JsonlLogger(args.output_dir), LogAtCheckpoints()]
@@ -248,7 +255,6 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     if test_data and trainer.is_world_process_zero():
         metrics.update(_test_metrics(model.eval(), tokenizer, test_data, args))
 
-    trainable, total = _count_parameters(model)
     summary = {
         "method": args.method, "model": args.model or "SmolLM2-135M-Instruct",
         "data": args.data, "format": data.fmt, "train_rows": len(data.examples),
