@@ -34,7 +34,7 @@ import dataclasses
 
 import torch
 
-from ..loss import CHUNK_SIZE, FUSABLE_MODEL_TYPES
+from ..fast.loss import CHUNK_SIZE, FUSABLE_MODEL_TYPES
 from . import quant
 from .activations import Activations, Arch, activations
 
