@@ -290,3 +290,18 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
                     "processor\t: 1\nflags\t\t: fpu\n")
     assert fast_dtype.cpu_flags(str(info)) == {"fpu", "avx512f", "amx_bf16"}
     assert fast_dtype.cpu_flags(str(tmp_path / "missing")) == set()
+
+
+@pytest.mark.parametrize("flags, said", [({"amx_bf16"}, "bfloat16"), ({"avx2"}, "float32")])
+def test_doctor_reports_the_training_dtype(flags, said, monkeypatch, capsys):
+    import argparse
+
+    from peftkit.commands import doctor
+
+    monkeypatch.setattr(fast_dtype, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parser = argparse.ArgumentParser()
+    doctor.register(parser.add_subparsers())
+    args = parser.parse_args(["doctor", "--r", "16", "--lora-alpha", "32"])
+    args.func(args)
+    assert capsys.readouterr().out.startswith(f"training dtype: {said} (the CPU ")

@@ -279,6 +279,22 @@ def test_training_steps_use_the_speed_layer(extra, model_dir, data, tmp_path, ca
     assert lora.count(True) == 2 * 2 * 2 * (2 if extra else 1)
 
 
+@pytest.mark.parametrize("flag, said", [(None, "dtype float32 (the CPU has neither"),
+                                        ("bfloat16", "dtype bfloat16 (--dtype)")])
+def test_dtype_is_chosen_and_logged(flag, said, model_dir, data, tmp_path, capsys, monkeypatch):
+    """--dtype auto (the default) picks fp32 on a CPU without bf16 hardware and says why;
+    --dtype bfloat16 loads the base in bf16 (the adapters stay fp32)."""
+    from peftkit.fast import dtype as fast_dtype
+
+    monkeypatch.setattr(fast_dtype, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    extra = ["--dtype", flag] if flag else []
+    rc, out, err = run(capsys, *train_args(model_dir, data, str(tmp_path / "o"), "--max-steps", 1,
+                                           *extra))
+    assert rc == 0, err
+    assert f"peftkit train: {said}" in out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--method", "dora"], "unknown method 'dora'; choose one of full, lora"),
     (["--method", "full", "--r", 4], "--r does not apply to --method full (it applies to: lora"),

@@ -68,6 +68,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
          help="gradient clipping norm (0: no clipping)")
     _add(t, "--fp16", False, action="store_true", help="fp16 mixed precision (GPU)")
     _add(t, "--bf16", False, action="store_true", help="bf16 mixed precision")
+    _add(t, "--dtype", "auto", choices=["auto", "float32", "bfloat16"],
+         help="dtype of the base model's weights; auto: bfloat16 where the hardware computes it "
+              "natively (CUDA, or a CPU with amx_bf16/avx512_bf16), else float32")
     _add(t, "--gradient-checkpointing", False, action="store_true",
          help="recompute activations in the backward pass")
     _add(t, "--fused-loss", True, action=argparse.BooleanOptionalAction,

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from .. import outdir
 from ..checkpoint import atomic_write_text
+from ..fast.dtype import training_dtype
 from ..model import PeftModel, get_peft_model
 from . import inputs, loading, methods, options
 from .examples import Collator, load_examples, pack
@@ -84,6 +85,18 @@ def check_output_dir(args: argparse.Namespace) -> str | bool | None:
     print(f"peftkit train: --overwrite: the previous contents of {out} are in "
           f"{outdir.sibling(out, 'replaced')} until this run's first checkpoint", flush=True)
     return None
+
+
+def base_dtype(choice: str) -> torch.dtype:
+    """The base model's dtype for `--dtype`, said in the log: `auto` takes
+    `fast.dtype.training_dtype`'s choice for this machine."""
+    if choice == "auto":
+        dtype, why = training_dtype()
+    else:
+        dtype, why = getattr(torch, choice), "--dtype"
+    if _main_process():
+        print(f"peftkit train: dtype {str(dtype).removeprefix('torch.')} ({why})", flush=True)
+    return dtype
 
 
 def _split(data, fraction: float, seed: int):
@@ -208,7 +221,8 @@ def train(args: argparse.Namespace) -> dict:
     resumed_loss = loss_before(resume)
 
     set_seed(args.seed)
-    model = loading.load_model(args.model, **spec.model_kwargs(method_opts))
+    dtype = base_dtype(args.dtype)
+    model = loading.load_model(args.model, dtype=dtype, **spec.model_kwargs(method_opts))
     if spec.prepare is not None:
         model = spec.prepare(model)
     if config is not None:
