@@ -163,7 +163,7 @@ def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad
 
     `full`: every base weight trains; `input_grad`: the embeddings' output needs a gradient (full
     fine-tuning, prompt tuning); `lora_sites`: the model's LoRA-wrapped layers (`LoraSite`);
-    `lean_mlp`: the MLPs run through `fast.swiglu.SiluMul` (peftkit train without checkpointing).
+    `lean_mlp`: the MLPs run through `fast.swiglu.SiluMul` (`peftkit.fast`).
     """
     tokens = batch * seq
     by_layer: dict[int | None, list] = {}

@@ -51,7 +51,7 @@ class Settings:
     double_quant: bool = True
     # peftkit train's training step (False: transformers' own forward and loss, as PEFT uses):
     fused_loss: bool = True  # the fused chunked loss where `loss.fusable` (--no-fused-loss)
-    lean_mlp: bool = True  # gated SiLU MLPs through swiglu.SiluMul (never under checkpointing)
+    lean_mlp: bool = True  # gated SiLU MLPs through fast.swiglu.SiluMul (peftkit.fast)
 
 
 @dataclasses.dataclass
@@ -120,8 +120,7 @@ def memory_plan(census, model_config, settings: Settings, method_full: bool) -> 
     seq = settings.seq_len + virtual
     tokens = settings.batch_size * seq
     arch = Arch.of(model_config)
-    lean = (settings.lean_mlp and not settings.checkpointing
-            and getattr(model_config, "hidden_act", None) == "silu")
+    lean = settings.lean_mlp and getattr(model_config, "hidden_act", None) == "silu"
     acts = activations(arch, e, settings.batch_size, seq, full=method_full,
                        input_grad=method_full or virtual > 0, lora_sites=census.lora,
                        lean_mlp=lean)
