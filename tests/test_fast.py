@@ -305,3 +305,31 @@ def test_doctor_reports_the_training_dtype(flags, said, monkeypatch, capsys):
     args = parser.parse_args(["doctor", "--r", "16", "--lora-alpha", "32"])
     args.func(args)
     assert capsys.readouterr().out.startswith(f"training dtype: {said} (the CPU ")
+
+
+def test_lora_function_with_dropout_under_autocast():
+    """Under bf16 autocast, with dropout: the function's output and gradients are those of the
+    explicit formula with its mask under the same autocast. Both round the operands of their
+    matmuls to bf16 (2**-8 relative each), at other points, so they differ by a few 2**-8 of the
+    largest value (observed up to 1.9 * 2**-8); y is not rounded (an fp32 y stays exact)."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 40, 24, requires_grad=True)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    a = torch.randn(4, 32, requires_grad=True)
+    b = torch.randn(24, 4, requires_grad=True)
+    p, s = 0.2, 2.0
+    torch.manual_seed(7)
+    keep = lora_fn.keep_mask(torch.Size((80, 32)), p, x.device).view(2, 40, 32)
+    w = torch.randn(2, 40, 24)
+    results = []
+    for fn in (lambda: lora_fn.lora_forward(y, x, a, b, s, p),
+               lambda: (y + s * ((x * keep / (1 - p)) @ a.T) @ b.T).to(y.dtype)):
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+            grads = torch.autograd.grad((out.float() * w).sum(), (y, x, a, b))
+        results.append((out.float(), grads))
+    (out, grads), (ref_out, ref_grads) = results
+    for got, ref in zip((out, *grads), (ref_out, *ref_grads)):
+        assert got.dtype == ref.dtype
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 2 ** -6

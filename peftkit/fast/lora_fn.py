@@ -123,7 +123,10 @@ class LoraFunction(torch.autograd.Function):
         else:
             h = x2.to(weight_a.dtype) @ weight_a.t()
         y2 = y.reshape(-1, y.shape[-1]).to(weight_b.dtype)
-        out = torch.addmm(y2, h, weight_b.t(), alpha=scaling).to(y.dtype)
+        if torch.is_autocast_enabled(y.device.type):  # autocast would round y in addmm
+            out = y2.add(h @ weight_b.t(), alpha=scaling).to(y.dtype)
+        else:
+            out = torch.addmm(y2, h, weight_b.t(), alpha=scaling).to(y.dtype)
         ctx.save_for_backward(x, h, weight_a, weight_b, packed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         return out.view(*y.shape[:-1], out.shape[-1])
@@ -148,7 +151,9 @@ class LoraFunction(torch.autograd.Function):
             if need_a:
                 d = x2.to(weight_a.dtype) if keep is None else _masked(x2, keep, weight_a.dtype)
                 grad_a = gh.t() @ d
-                buffer = d if keep is not None else None  # a fresh (N, in) tensor, reusable
+                # a fresh (N, in) tensor of grad_x's dtype (not under autocast), reusable
+                reusable = keep is not None and not torch.is_autocast_enabled(d.device.type)
+                buffer = d if reusable else None
             if need_x:
                 gx = torch.mm(gh, weight_a, out=buffer) if buffer is not None else gh @ weight_a
                 if keep is not None:
