@@ -1,7 +1,8 @@
 """LoRA training step, peftkit vs Hugging Face PEFT (+ transformers), side by side.
 
 Every (case, variant) runs in a fresh Python process; within a repeat the variants alternate
-(peft, peftkit, peftkit-lora-only, then again), so slow phases of a shared machine hit all.
+(peft, library-loop, library-trainer, peftkit-train, then again), so slow phases of a shared
+machine hit all.
 Each process loads the model, injects the same LoRA config with the same seed, and runs
 `warmup + steps` AdamW steps on the same random tokens (labels = inputs). It reports:
 
@@ -14,13 +15,12 @@ Each process loads the model, injects the same LoRA config with the same seed, a
   reset through /proc/self/clear_refs before the first step); on CUDA `max_memory_allocated`
   minus the allocation before the first step.
 
-Variants: `peft` computes `model(input_ids, labels=...).loss`; `peftkit` is what `peftkit train`
-does: peftkit's LoRA layers, `peftkit.loss.causal_lm_loss` (output head and cross-entropy fused and
-chunked; same loss value, no full logits) and `peftkit.train.trainer.training_forward`:
-`peftkit.swiglu.lean_swiglu` (the MLPs save two activations instead of three; bitwise the same
-values) and `peftkit.frozen_linear` (frozen fp32 linears on CPU through oneDNN's matmul);
-`peftkit-lora-only` runs peftkit's LoRA layers with transformers' own forward and `model(input_ids,
-labels=...).loss`, to show what the LoRA layers alone account for.
+Variants, each the seed's recipe (`get_peft_model`, then training steps) through one path:
+`peft` runs Hugging Face PEFT in a plain loop (`model(input_ids=..., labels=...).loss`, backward,
+AdamW); `library-loop` runs peftkit's `get_peft_model` model (its speed layer on, `peftkit.fast`)
+in that same loop; `library-trainer` runs it through a stock transformers `Trainer`'s
+`training_step` (forward and backward as the Trainer does them, then the AdamW step);
+`peftkit-train` through `peftkit train`'s `AdapterTrainer.training_step`.
 
     python benchmarks/lora_step.py --cases target,dropout0 --steps 3 --write docs/benchmarks.md
 """
@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("peft", "peftkit", "peftkit-lora-only")
+VARIANTS = ("peft", "library-loop", "library-trainer", "peftkit-train")
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # name: (model, dtype, targets, dropout, batch, seq, variants)
@@ -47,14 +47,15 @@ CASES = {
     "dropout0": ("smollm2", "float32", QKVO, 0.0, 8, 256, VARIANTS),
     "all-linear": ("smollm2", "float32", "all-linear", 0.05, 4, 256, VARIANTS),
     # bf16 on a CPU without AVX512-BF16 is slow: at 4x256, PEFT had not finished 4 steps after 13
-    # minutes (fp32: about 9 s a step), so a smaller batch
-    "bf16": ("smollm2", "bfloat16", QKVO, 0.05, 1, 128, VARIANTS),
+    # minutes (fp32: about 9 s a step), so a smaller batch there; bf16-4x256 where it is fast
+    "bf16": ("smollm2", "bfloat16", QKVO, 0.05, 1, 128, ("peft", "library-loop")),
+    "bf16-4x256": ("smollm2", "bfloat16", QKVO, 0.05, 4, 256, VARIANTS),
     "qlora": ("smollm2-nf4", "float32", QKVO, 0.05, 4, 128, VARIANTS),
     "tiny": ("tiny-llama", "float32", QKVO, 0.05, 2, 16, VARIANTS),  # a smoke test
-    **{f"seq{t}": ("smollm2", "float32", QKVO, 0.05, 1, t, ("peft", "peftkit"))
+    **{f"seq{t}": ("smollm2", "float32", QKVO, 0.05, 1, t, ("peft", "library-loop"))
        for t in (128, 256, 512, 1024)},
     **{f"llama-seq{t}": ("llama-random", "float32", QKVO, 0.05, 1, t,
-                         ("peft", "peftkit")) for t in (128, 512, 1024)},
+                         ("peft", "library-loop")) for t in (128, 512, 1024)},
 }
 # A larger random Llama (about 0.5B parameters) for the sequence-length sweep.
 LLAMA_RANDOM = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
@@ -121,15 +122,26 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).to(device)
 
-    if variant == "peftkit":
-        from peftkit.loss import causal_lm_loss
-        from peftkit.train.trainer import training_forward
+    if variant in ("library-trainer", "peftkit-train"):
+        import tempfile
 
-        def loss_fn():
-            with training_forward(model):
-                return causal_lm_loss(model, ids, ids)
+        from transformers import Trainer, TrainingArguments
+
+        from peftkit.train.trainer import AdapterTrainer
+
+        trainer_cls = Trainer if variant == "library-trainer" else AdapterTrainer
+        trainer = trainer_cls(model=model, args=TrainingArguments(
+            output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=device == "cpu"))
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop
+        inputs = {"input_ids": ids, "labels": ids}
+
+        def backward():  # the Trainer's forward and backward; returns the loss
+            return trainer.training_step(trainer.model, inputs)
     else:
-        loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+        def backward():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss
 
     cuda = device.startswith("cuda")
     if cuda:
@@ -145,8 +157,7 @@ def run_one(case: str, variant: str, steps: int, warmup: int, device: str) -> di
     times, cpu_times, losses = [], [], []
     for i in range(warmup + steps):
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = loss_fn()
-        loss.backward()
+        loss = backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:

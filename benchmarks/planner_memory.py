@@ -25,9 +25,9 @@ import tempfile
 
 import torch
 
-from peftkit.loss import causal_lm_loss
+from peftkit.fast.loss import causal_lm_loss
+from peftkit.fast.swiglu import use_lean_mlps
 from peftkit.planner import Settings, estimate
-from peftkit.swiglu import lean_swiglu
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=3,
@@ -55,14 +55,13 @@ PROFILED_CASES = {
 def peak_step_bytes(model, ids, path, peftkit_step: bool):
     """Peak of tensor bytes allocated during one training step (the second: AdamW's states
     exist), above what was alive before it, from the profiler's CPU memory events.
-    `peftkit_step`: peftkit train's forward (fused loss; lean MLPs unless checkpointing)."""
+    `peftkit_step`: the fused loss (the model brings the lean MLPs: `profiled_case`)."""
     from torch.profiler import ProfilerActivity, profile
 
     def loss():
         if not peftkit_step:
             return model(input_ids=ids, labels=ids).loss
-        with lean_swiglu(model):  # a no-op under checkpointing
-            return causal_lm_loss(model, ids, ids)
+        return causal_lm_loss(model, ids, ids)
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
     for step in range(2):
@@ -82,7 +81,7 @@ def profiled_case(folder, method, dtype, checkpointing, options, peftkit_step):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peftkit import LoraConfig, get_peft_model
+    from peftkit import LoraConfig, fast, get_peft_model
 
     folder = Path(folder)
     fields = dict(TINY)
@@ -94,6 +93,8 @@ def profiled_case(folder, method, dtype, checkpointing, options, peftkit_step):
     if method == "lora":
         options = {"r": 4, **options}
         model = get_peft_model(model, LoraConfig(**options))
+        fast.apply(model, loss=False)  # `peak_step_bytes` picks the loss
+    use_lean_mlps(model, peftkit_step)
     if checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.train()

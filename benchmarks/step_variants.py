@@ -5,9 +5,10 @@ so it can tell apart variants a few percent apart; it measures time only (one pr
 models, so no per-variant memory: `lora_step.py` measures that). Each variant has its own model
 copy and AdamW state; the first two rounds warm up and are not counted.
 
-Variants: `peft` (PEFT + transformers' loss), `peftkit` (what `peftkit train` does),
-`no-frozen-linears` (that without `peftkit.frozen_linear`), `no-fused-loss`, `no-lean-swiglu`,
-`lora-only` (peftkit's LoRA layers in transformers' own forward and loss).
+Variants: `peft` (PEFT + transformers' loss), `library` (the model peftkit's `get_peft_model`
+returns, speed layer on, in the same plain loop), `stock` (`get_peft_model(..., speed=False)`),
+and `library` with one part of the speed layer off: `no-fused-loss`, `no-lean-mlp`,
+`no-lora-function` (`peftkit.fast.apply`).
 
     python benchmarks/step_variants.py --batch 1 --seq 128 --rounds 14
 """
@@ -15,7 +16,6 @@ Variants: `peft` (PEFT + transformers' loss), `peftkit` (what `peftkit train` do
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import time
@@ -24,15 +24,11 @@ import torch
 
 from lora_step import QKVO, load_model
 
-VARIANTS = ("peft", "peftkit", "no-frozen-linears", "no-fused-loss", "no-lean-swiglu",
-            "lora-only")
+VARIANTS = ("peft", "library", "stock", "no-fused-loss", "no-lean-mlp", "no-lora-function")
+PART_OFF = {"no-fused-loss": "loss", "no-lean-mlp": "mlp", "no-lora-function": "lora_function"}
 
 
 def step_fn(variant: str, base, ids):
-    from peftkit.frozen_linear import frozen_linears
-    from peftkit.loss import causal_lm_loss
-    from peftkit.swiglu import lean_swiglu
-
     kw = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=QKVO, task_type="CAUSAL_LM")
     torch.manual_seed(0)
     if variant == "peft":
@@ -42,21 +38,15 @@ def step_fn(variant: str, base, ids):
     else:
         import peftkit
 
-        model = peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(**kw)).train()
+        model = peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(**kw),
+                                       speed=variant != "stock").train()
+        if variant in PART_OFF:
+            peftkit.fast.apply(model, **{PART_OFF[variant]: False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    fused = variant not in ("peft", "lora-only", "no-fused-loss")
-    optional = (("no-lean-swiglu", lean_swiglu), ("no-frozen-linears", frozen_linears))
-    contexts = [] if variant in ("peft", "lora-only") else [
-        ctx for name, ctx in optional if variant != name]
 
     def step() -> float:
         start = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            for ctx in contexts:
-                stack.enter_context(ctx(model))
-            loss = (causal_lm_loss(model, ids, ids) if fused
-                    else model(input_ids=ids, labels=ids).loss)
-        loss.backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start

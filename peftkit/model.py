@@ -17,8 +17,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import checkpoint, hf_trainer, hub, quant
+from . import checkpoint, fast, hf_trainer, hub, quant
 from .config import PeftConfig, TaskType
+from .fast import loss as fast_loss
 from .methods.base import TunerLayer, replace_module
 from .methods.registry import injector_for
 
@@ -87,7 +88,9 @@ class _WithBaseSignature:
 class PeftModel(nn.Module):
     """A transformers model with named adapters; one adapter is active at a time.
 
-    Forward, `generate` and unknown attributes pass through to the wrapped model. Only the active
+    Forward, `generate` and unknown attributes pass through to the wrapped model, with peftkit's
+    speed layer (`peftkit.fast`, settings in `speed`): a training forward that asks only for the
+    loss gets it from the fused output-head loss, without logits. Only the active
     adapter's tensors are trainable (none when its config has `inference_mode=True`). bitsandbytes
     4-bit layers are kept off its AVX512-BF16 CPU inference format, which has no backward
     (`quant.avoid_cpu_packing_`).
@@ -106,6 +109,7 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self._autocast_adapter_dtype = autocast_adapter_dtype
+        self.speed = fast.Speed()
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
@@ -120,6 +124,8 @@ class PeftModel(nn.Module):
     # -- running ---------------------------------------------------------------------------
     @_WithBaseSignature
     def forward(self, *args, **kwargs):
+        if self.speed.loss and fast_loss.training_forward_loss(self, args, kwargs):
+            return fast_loss.fused_forward(self, **kwargs)
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -155,6 +161,7 @@ class PeftModel(nn.Module):
         for layer in self._layers():
             layer.set_adapter([self.active_adapter])
         self._mark_trainable()
+        fast.apply(self)
 
     def set_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -246,6 +253,7 @@ class PeftModel(nn.Module):
 
     def _unload(self, merge: bool) -> nn.Module:
         model = self.get_base_model()
+        fast.use_lean_mlps(model, False)
         for path, layer in list(model.named_modules()):
             if isinstance(layer, TunerLayer):
                 replace_module(model, path, layer.unwrap(merge))
@@ -382,9 +390,13 @@ class PeftModel(nn.Module):
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
-    """Inject `peft_config`'s method into `model` (in place) and wrap it in a `PeftModel`."""
-    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+                   autocast_adapter_dtype: bool = True, speed: bool = True,
+                   **kwargs) -> PeftModel:
+    """Inject `peft_config`'s method into `model` (in place) and wrap it in a `PeftModel`, with
+    the speed layer on (`peftkit.fast`; `speed=False`: the stock computation)."""
+    peft_model = PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+    return peft_model if speed else fast.apply(peft_model, loss=False, mlp=False,
+                                               lora_function=False)
 
 
 hf_trainer.install()

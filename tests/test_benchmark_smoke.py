@@ -10,18 +10,25 @@ import lora_step  # noqa: E402
 import step_variants  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def peft_run():
+    return lora_step.run_one("tiny", "peft", steps=2, warmup=1, device="cpu")
+
+
 @pytest.mark.parametrize("variant", lora_step.VARIANTS)
-def test_worker_reports_a_step(variant):
+def test_worker_reports_a_step(variant, peft_run):
+    """Every variant trains the same model on the same tokens: its first loss is PEFT's up to
+    the dropout masks (0.05 on 2 x 16 tokens moves the loss by ~1e-3 relative)."""
     r = lora_step.run_one("tiny", variant, steps=2, warmup=1, device="cpu")
-    assert r["step_s"] > 0 and r["cpu_s"] > 0 and r["peak_mb"] >= 0
-    assert len(r["losses"]) == 3 and r["losses"][0] > r["losses"][-1]
+    assert len(r["times"]) == 2 and len(r["losses"]) == 3 and r["losses"][0] > r["losses"][-1]
+    assert r["losses"][0] == pytest.approx(peft_run["losses"][0], rel=1e-2)
 
 
 def test_table_has_ratios():
     rows = [dict(case="tiny", variant=v, step_s=s, cpu_s=s, peak_mb=m)
-            for v, s, m in (("peft", 2.0, 100.0), ("peftkit", 1.0, 50.0))]
+            for v, s, m in (("peft", 2.0, 100.0), ("library-loop", 1.0, 50.0))]
     text = lora_step.table(rows)
-    assert "| peftkit | 1.00 |" in text and "0.50x | 0.50x | 0.50x |" in text
+    assert "| library-loop | 1.00 |" in text and "0.50x | 0.50x | 0.50x |" in text
 
 
 def test_step_variants_times_every_variant(capsys):

@@ -9,21 +9,20 @@ import torch
 from torch import nn
 
 import peftkit
-from peftkit import loss as loss_module
+from peftkit.fast import loss as loss_module
 from peftkit import models
-from peftkit.loss import causal_lm_loss
-from peftkit.methods import lora_fn
-from peftkit.train.trainer import training_forward
+from peftkit.fast.loss import causal_lm_loss
+from peftkit.fast import lora_fn
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def pair(model, **kw):
+def pair(model, speed=True, **kw):
     """(peft model, peftkit model) over copies of `model` with identical adapter weights."""
     cfg = dict(r=16, lora_alpha=32, target_modules=QKVO)
     cfg.update(kw)
     ref = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg))
-    ours = peftkit.get_peft_model(model, peftkit.LoraConfig(**cfg))
+    ours = peftkit.get_peft_model(model, peftkit.LoraConfig(**cfg), speed=speed)
     mine = dict(ours.named_parameters())
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -52,22 +51,16 @@ def trajectory(model, loss_fn, steps=20):
     return torch.tensor(losses)
 
 
-@pytest.mark.parametrize("fused_loss", [False, True])
-def test_dropout0_trajectory_equals_peft(fused_loss):
-    """20 AdamW steps from the same weights: every loss within 1e-4 relative of PEFT's (fp32
-    sums in another order differ by ~1e-7 relative per step; Adam can amplify that). Fused:
-    `peftkit train`'s step: the fused loss, the lean SwiGLU, the frozen linears through oneDNN."""
-    ref, ours = pair(models.tiny_llama(0))
+@pytest.mark.parametrize("speed", [False, True])
+def test_dropout0_trajectory_equals_peft(speed):
+    """20 AdamW steps of `model(input_ids=..., labels=...).loss` from the same weights: every loss
+    within 1e-4 relative of PEFT's (fp32 sums in another order differ by ~1e-7 relative per step;
+    Adam can amplify that). `speed`: the model `get_peft_model` returns (fused loss, lean MLPs,
+    LoRA function); otherwise the stock computation (`speed=False`)."""
+    ref, ours = pair(models.tiny_llama(0), speed=speed)
     ids, labels = batch()
     expected = trajectory(ref.train(), lambda m: m(input_ids=ids, labels=labels).loss)
-    if fused_loss:
-        def step(m):
-            with training_forward(m):
-                return causal_lm_loss(m, ids, labels, chunk_size=7)
-
-        got = trajectory(ours.train(), step)
-    else:
-        got = trajectory(ours.train(), lambda m: m(input_ids=ids, labels=labels).loss)
+    got = trajectory(ours.train(), lambda m: m(input_ids=ids, labels=labels).loss)
     assert expected[0] - expected[-1] > 0.1  # it does train, far beyond the tolerance
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
 
@@ -219,7 +212,8 @@ def test_fused_loss_matches_transformers_with_trainable_head():
     """Same loss and gradients as model(...).loss with a trainable (untied) lm_head and
     num_items_in_batch; chunks of 5 tokens do not divide the 3 x 9 batch."""
     model = peftkit.get_peft_model(models.tiny_llama(0), peftkit.LoraConfig(
-        r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+        r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
+        speed=False)
     ids, labels = batch(shape=(3, 9))
     results = []
     for fn in (lambda: model(input_ids=ids, labels=labels, num_items_in_batch=20).loss,
@@ -239,7 +233,7 @@ def test_fused_loss_scores_only_the_counted_tokens(monkeypatch):
     """Logits are computed for the tokens that count and no other (a masked prompt costs
     nothing); the loss and gradients are still transformers'. No counted token: 0, not nan."""
     model = peftkit.get_peft_model(models.tiny_llama(0), peftkit.LoraConfig(
-        r=4, target_modules=QKVO, init_lora_weights=False))
+        r=4, target_modules=QKVO, init_lora_weights=False), speed=False)
     ids, labels = batch(shape=(3, 9))
     labels[:, :6] = -100  # 3 scored labels a row, predicted from positions 5-7
     rows = []
@@ -269,7 +263,7 @@ def test_fused_loss_is_as_accurate_as_the_stock_loss():
     """Against the float64 loss and gradients, the fused fp32 loss (softmax formed in place as
     exp(z - max) / sum) errs no more than fp32 cross_entropy on full logits does: 5,000 classes,
     chunks of 100 rows that do not divide 512, ignored rows."""
-    from peftkit.loss import LinearCrossEntropy
+    from peftkit.fast.loss import LinearCrossEntropy
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(512, 64, generator=g, dtype=torch.float64)

@@ -3,7 +3,6 @@
 Measurements that depend on the CPU or the allocator (bf16 profiler peaks, peak RSS) are in
 benchmarks/planner_memory.py."""
 
-import contextlib
 import json
 import os
 import sys
@@ -13,9 +12,10 @@ import torch
 
 from peftkit.planner import Settings, estimate, load_config, parse_size
 from peftkit.planner.activations import Arch, activations
+from peftkit import fast
+from peftkit.fast.swiglu import use_lean_mlps
 from peftkit.methods.lora import LoraSite
 from peftkit.planner.nf4 import nf4_bytes, nf4_constant_bytes
-from peftkit.swiglu import lean_swiglu
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import planner_memory  # noqa: E402
@@ -90,7 +90,7 @@ def _saved_bytes(model, ids):
 def test_activation_formula_is_exact(dtype, lora, dropout, lean):
     """The Llama-family count equals the bytes autograd saves (parameters excluded), with LoRA
     dropout too (a bit-packed mask), when the first layer's early modules are frozen (they save
-    nothing), and with the MLPs through `swiglu.SiluMul` (`lean`, as peftkit train runs them)."""
+    nothing), and with the MLPs through `swiglu.SiluMul` (`lean`, as `peftkit.fast` runs them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from peftkit import LoraConfig, get_peft_model
@@ -102,10 +102,11 @@ def test_activation_formula_is_exact(dtype, lora, dropout, lean):
     model = LlamaForCausalLM(cfg).to(dtype)
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, target_modules=lora, lora_dropout=dropout))
+        fast.apply(model, loss=False)  # the count below is the stock loss's
+    use_lean_mlps(model, lean)
     model.train()
     b, s = 2, 32
-    with lean_swiglu(model) if lean else contextlib.nullcontext():
-        measured = _saved_bytes(model, torch.randint(0, 256, (b, s)))
+    measured = _saved_bytes(model, torch.randint(0, 256, (b, s)))
     sites = [LoraSite(p, m.in_features, 4, dropout, m.lora_A["default"].weight.dtype)
              for p, m in model.named_modules() if isinstance(m, LoraLinear)]
     acts = activations(Arch.of(cfg), dtype.itemsize, b, s, lora is None, lora is None, sites,

@@ -392,8 +392,9 @@ def test_weight_bytes_counts_int8_row_scales(base_dir):
 
 def test_lora_branch_follows_autocast(base_dir):
     """Under autocast (bf16) the input is left to autocast, as in PEFT on GPU: the layer returns
-    the base output's dtype, and the LoRA branch is autocast's bf16 arithmetic, reproduced here
-    op by op outside autocast (same kernels, same dtypes: equal)."""
+    the base output's dtype, the LoRA branch is autocast's bf16 arithmetic and is added to the
+    base output in that output's dtype (PEFT: `result + output`), reproduced here op by op
+    outside autocast (same kernels, same dtypes: equal)."""
     layer = trained(load(base_dir)).base_model.model.model.layers[0].mlp.down_proj
     x = torch.randn(3, 128)
     a, b = (w.weight.detach().bfloat16() for w in (layer.lora_A["default"],
@@ -403,7 +404,6 @@ def test_lora_branch_follows_autocast(base_dir):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = layer(x)
             y = layer.base_layer(x)
-    expected = torch.addmm(y.bfloat16(), x.bfloat16() @ a.t(), b.t(),
-                           alpha=layer.scaling["default"]).float()
+    expected = y.add((x.bfloat16() @ a.t()) @ b.t(), alpha=layer.scaling["default"])
     assert mixed.dtype == full.dtype == torch.float32 and not torch.equal(mixed, full)
     torch.testing.assert_close(mixed, expected, rtol=0, atol=0)

@@ -53,6 +53,7 @@ def load_yaml(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fast.dtype import describe as describe_training_dtype
     from ..planner import doctor
 
     if args.adapter:
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"peftkit doctor: error: {err}", file=sys.stderr)
         return 2
+    print(describe_training_dtype(), file=sys.stderr if args.json else sys.stdout)
     order = {s: i for i, s in enumerate(doctor.SEVERITIES)}
     findings.sort(key=lambda f: order[f.severity])
     if args.json:

@@ -35,11 +35,11 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import targets
 from ..config import PeftConfig, PeftType, check
+from ..fast import lora_fn
 from ..train.ranges import csv_list, fraction, positive_float, positive_int
 from .base import Injector, WrappedLayer, replace_module
 from .modules_to_save import ModulesToSaveWrapper, add_modules_to_save
 from .spec import TARGET_MODULES, Finding, MethodSpec, PlannerSupport
-from .lora_fn import lora_forward
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -176,8 +176,12 @@ class LoraLinear(WrappedLayer):
     """Wraps a linear layer (`nn.Linear`, `Conv1D`, or a k-bit linear) with named LoRA adapters.
 
     In memory the keys are PEFT's: `<path>.base_layer.weight`, `<path>.lora_A.<name>.weight`.
-    Input x: (..., in_features); output: (..., out_features) in the base layer's dtype. Each
-    active adapter's branch runs through `lora_fn.LoraFunction` (saves x, not a dropped copy).
+    Input x: (..., in_features); output: (..., out_features) in the base layer's dtype.
+    `forward` calls the submodules (base_layer, lora_dropout, lora_A, lora_B), so their hooks,
+    FSDP2 and ZeRO-3 see every call. With `use_lora_function` (the speed layer's switch,
+    `peftkit.fast`) a branch whose submodules have no hooks runs through
+    `fast.lora_fn.LoraFunction` instead: the same values, and it saves x rather than a dropped
+    copy of it.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -193,6 +197,7 @@ class LoraLinear(WrappedLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.use_lora_function = True
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -264,10 +269,12 @@ class LoraLinear(WrappedLayer):
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            dropout = self.lora_dropout[name]
-            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-            y = lora_forward(y, x, self.lora_A[name].weight, self.lora_B[name].weight,
-                             self.scaling[name], p)
+            a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            if self.use_lora_function and lora_fn.fusable(a, b, dropout):
+                p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+                y = lora_fn.lora_forward(y, x, a.weight, b.weight, self.scaling[name], p)
+            else:  # PEFT's arithmetic: the branch in the adapter dtype, the sum cast back
+                y = (y + b(a(dropout(x.to(a.weight.dtype)))) * self.scaling[name]).to(y.dtype)
         return y
 
 

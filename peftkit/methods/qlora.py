@@ -6,7 +6,7 @@ and prepared for k-bit training; the adapter and its files are LoRA's.
 The base weight W0 (out, in) stays quantized in a bitsandbytes layer: `Linear4bit` (NF4 or FP4
 codes, blocks of 64, optionally double-quantized scales) or `Linear8bitLt` (LLM.int8). The
 base matmul runs in the layer's compute dtype with bitsandbytes' kernels; the LoRA branch is
-`LoraLinear`'s (`peftkit.methods.lora_fn`): it runs in the adapter dtype (fp32 by default, the
+`LoraLinear`'s (`peftkit.fast.lora_fn`): it runs in the adapter dtype (fp32 by default, the
 compute dtype with `autocast_adapter_dtype=False`), adds the base output in that dtype and rounds
 the sum once to the compute dtype:
 

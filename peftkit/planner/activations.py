@@ -14,11 +14,11 @@ I the MLP size, a the LoRA dtype's bytes:
                    + 2 * e*h                    normalized input, if the norm weights train
     attention      e*(2*hq + 2*hkv) + 4*heads   q, k, v, output (= o_proj input), log-sum-exp
     MLP            3 * e*I                      gate, silu(gate), up; 2 * e*I (gate, up) through
-                                                peftkit train's `swiglu.SiluMul`
+                                                peftkit train's `fast.swiglu.SiluMul`
     linear inputs  e*h (q/k/v), e*h (gate/up), e*I (down), for each group whose weights train
     each LoRA      a*r (A's output) and, with dropout, the keep-mask packed as bits (in/8);
                    its input x itself is saved once for every user of x (peftkit's LoRA function,
-                   `peftkit.methods.lora_fn`, keeps no dropped or cast copy)
+                   `peftkit.fast.lora_fn`, keeps no dropped or cast copy)
 
 An op saves for backward only when one of its inputs needs a gradient, so each term above counts
 only where the gradient flows: with frozen embeddings (no prompt) the first layer saves nothing
@@ -95,7 +95,7 @@ def _layer_bytes(arch: Arch, e: int, full: bool, sites: list, grad_in: bool,
                  lean_mlp: bool) -> tuple[int, bool]:
     """(bytes per token one decoder layer saves, whether its output needs a grad), see the module
     docstring. `sites`: its LoRA sites; `grad_in`: the layer's input needs a grad; `lean_mlp`: the
-    MLP runs through `swiglu.SiluMul`. An op saves for backward only when one of its inputs needs
+    MLP runs through `fast.swiglu.SiluMul`. An op saves for backward only when one of its inputs needs
     a grad, so a layer saves nothing before its first trainable tensor."""
     if not arch.exact:
         own, _ = _branch_bytes(sites)
@@ -163,7 +163,7 @@ def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad
 
     `full`: every base weight trains; `input_grad`: the embeddings' output needs a gradient (full
     fine-tuning, prompt tuning); `lora_sites`: the model's LoRA-wrapped layers (`LoraSite`);
-    `lean_mlp`: the MLPs run through `swiglu.SiluMul` (peftkit train without checkpointing).
+    `lean_mlp`: the MLPs run through `fast.swiglu.SiluMul` (`peftkit.fast`).
     """
     tokens = batch * seq
     by_layer: dict[int | None, list] = {}

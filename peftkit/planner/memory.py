@@ -10,7 +10,7 @@
 - logits (`loss_bytes`): transformers' causal-LM loss upcasts the logits to fp32; at the start
   of backward the fp32 log-probabilities (saved by log_softmax), their gradient and the logits'
   gradient are alive: 12 * vocab bytes per token, plus the int64 labels. `peftkit train`'s fused
-  loss (`peftkit.loss`, where `fusable`) instead holds, at the end of the forward pass, the final
+  loss (`peftkit.fast.loss`, where `fusable`) instead holds, at the end of the forward pass, the final
   hidden states and their gradient (2*e*h per token), the labels and their shifted copy (16 bytes
   per token), the scored rows' indices and losses (12 bytes each), one (chunk, vocab) fp32
   buffer (+ the chunk's logits, or their gradient, in a 16-bit compute dtype) and the chunk's
@@ -34,7 +34,7 @@ import dataclasses
 
 import torch
 
-from ..loss import CHUNK_SIZE, FUSABLE_MODEL_TYPES
+from ..fast.loss import CHUNK_SIZE, FUSABLE_MODEL_TYPES
 from . import nf4
 from .activations import Activations, Arch, activations
 
@@ -51,7 +51,7 @@ class Settings:
     double_quant: bool = True
     # peftkit train's training step (False: transformers' own forward and loss, as PEFT uses):
     fused_loss: bool = True  # the fused chunked loss where `loss.fusable` (--no-fused-loss)
-    lean_mlp: bool = True  # gated SiLU MLPs through swiglu.SiluMul (never under checkpointing)
+    lean_mlp: bool = True  # gated SiLU MLPs through fast.swiglu.SiluMul (peftkit.fast)
 
 
 @dataclasses.dataclass
@@ -133,8 +133,7 @@ def memory_plan(census, model_config, settings: Settings, method_full: bool) -> 
     seq = settings.seq_len + virtual
     tokens = settings.batch_size * seq
     arch = Arch.of(model_config)
-    lean = (settings.lean_mlp and not settings.checkpointing
-            and getattr(model_config, "hidden_act", None) == "silu")
+    lean = settings.lean_mlp and getattr(model_config, "hidden_act", None) == "silu"
     acts = activations(arch, e, settings.batch_size, seq, full=method_full,
                        input_grad=method_full or virtual > 0, lora_sites=census.lora,
                        lean_mlp=lean)

@@ -67,6 +67,9 @@ OPTIONS: dict[str, tuple[str, Any, str | None, dict[str, Any]]] = dict([
             help="gradient clipping norm (0: no clipping)"),
     _option("--fp16", False, TRAINING, action="store_true", help="fp16 mixed precision (GPU)"),
     _option("--bf16", False, TRAINING, action="store_true", help="bf16 mixed precision"),
+    _option("--dtype", "auto", TRAINING, choices=["auto", "float32", "bfloat16"],
+            help="dtype of the base model's weights; auto: bfloat16 where the hardware computes "
+                 "it natively (CUDA, or a CPU with amx_bf16/avx512_bf16), else float32"),
     _option("--gradient-checkpointing", False, TRAINING, action="store_true",
             help="recompute activations in the backward pass"),
     _option("--fused-loss", True, TRAINING, action=argparse.BooleanOptionalAction,

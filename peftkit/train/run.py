@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 
 from .. import outdir
 from ..checkpoint import atomic_write_text
+from ..fast.dtype import training_dtype
 from ..methods import registry
 from ..model import PeftModel, get_peft_model
 from ..prepare import prepare_model_for_kbit_training
@@ -83,6 +84,18 @@ def check_output_dir(args: argparse.Namespace) -> tuple[str | None, bool]:
               f"{outdir.sibling(out, 'replaced')} until this run's first checkpoint", flush=True)
     # An --overwrite run takes over what an earlier, unfinished --overwrite run moved aside.
     return None, bool(args.overwrite) and os.path.lexists(outdir.sibling(out, "replaced"))
+
+
+def base_dtype(choice: str) -> torch.dtype:
+    """The base model's dtype for `--dtype`, said in the log: `auto` takes
+    `fast.dtype.training_dtype`'s choice for this machine."""
+    if choice == "auto":
+        dtype, why = training_dtype()
+    else:
+        dtype, why = getattr(torch, choice), "--dtype"
+    if _main_process():
+        print(f"peftkit train: dtype {str(dtype).removeprefix('torch.')} ({why})", flush=True)
+    return dtype
 
 
 def _split(data, fraction: float, seed: int):
@@ -215,7 +228,9 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     resumed_loss = loss_before(resume)
 
     set_seed(args.seed)
-    model = loading.load_model(args.model, **spec.load_kwargs(method_opts, sharded=args.fsdp))
+    load_kwargs = {"dtype": base_dtype(args.dtype),
+                   **spec.load_kwargs(method_opts, sharded=args.fsdp)}
+    model = loading.load_model(args.model, **load_kwargs)
     if spec.kbit_base:  # checkpointing follows --gradient-checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config is not None:

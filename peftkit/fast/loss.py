@@ -9,23 +9,34 @@ mean over the counted tokens, or sum / `num_items_in_batch`; a batch with no cou
 gives 0, not nan) from the decoder's hidden states, `chunk_size` tokens at a time. Each chunk's
 logits, log-softmax and gradient are formed in one reused (chunk_size, V) fp32 buffer during the
 forward pass, so that buffer is all the logits memory there is, and backward only scales the
-stored gradients. `model(...).logits` and `.loss` are untouched; `peftkit train` uses this loss
-for its training steps when `fusable(model)` (see `peftkit/train/trainer.py`).
+stored gradients.
+
+`PeftModel.forward` returns this loss (and no logits) for a training forward that asks only for
+the loss (`training_forward_loss`); every other call (evaluation, no labels, extra inputs such as
+TRL's `fused_lm_head`) runs the model's own forward and returns its logits.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .amp import custom_bwd, custom_fwd
+from .hooks import bypassable
 
 IGNORE_INDEX = -100
-# Scored tokens per chunk: a (512, V) fp32 buffer, 100 MB for a 49,152-token vocabulary. On 2 CPU
-# cores SmolLM2's loss over 2,048 tokens took 3.20 / 2.78 / 2.55 / 2.48 s at 128 / 256 / 512 / 1024.
+# Scored tokens per chunk: a (512, V) fp32 buffer, 100 MB for a 49,152-token vocabulary (the
+# choice is measured in docs/benchmarks.md).
 CHUNK_SIZE = 512
 # Model types whose logits are `get_output_embeddings()(decoder output)`, nothing more, scored by
 # transformers' ForCausalLMLoss; tests/test_fused_lora.py checks each against model(...).loss.
 FUSABLE_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3",
                        "smollm3")
+# What a training forward may be given for `training_forward_loss` to apply: the inputs the fused
+# loss passes on to the decoder, and what transformers' Trainer and TRL add.
+FUSED_INPUTS = {"input_ids", "attention_mask", "position_ids", "labels", "num_items_in_batch",
+                "use_cache"}
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -39,6 +50,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
+    @custom_fwd
     def forward(ctx, hidden, weight, bias, target, divisor, chunk_size: int):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -76,6 +88,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return row_loss.sum() / divisor
 
     @staticmethod
+    @custom_bwd
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_bias = ctx.saved_tensors
         out = [None if g is None else (g * grad_loss).to(dtype)
@@ -128,16 +141,19 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
 def fusable(model: nn.Module) -> bool:
     """Whether `causal_lm_loss(model, ...)` computes `model(..., labels=...).loss`: a model type in
     `FUSABLE_MODEL_TYPES` scored by transformers' causal-LM loss, with a plain `nn.Linear` output
-    head (or a `modules_to_save` copy of one) and no prompt-learning adapter active (its virtual
-    tokens take part in the model's loss)."""
+    head (or a `modules_to_save` copy of one) that has no hooks, as the model itself (the fused
+    loss calls neither), and no prompt-learning adapter active (its virtual tokens take part in
+    the model's loss)."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from .methods.modules_to_save import ModulesToSaveWrapper
+    from ..methods.modules_to_save import ModulesToSaveWrapper
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(getattr(lm, "config", None), "model_type", None) not in FUSABLE_MODEL_TYPES:
         return False
     if getattr(lm, "loss_function", None) is not ForCausalLMLoss:
+        return False
+    if not bypassable(lm, type(lm)):
         return False
     adapter = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
     if adapter is not None and adapter.is_prompt_learning:
@@ -145,4 +161,21 @@ def fusable(model: nn.Module) -> bool:
     head = lm.get_output_embeddings()
     if isinstance(head, ModulesToSaveWrapper):
         head = head._current()
-    return type(head) is nn.Linear
+    return bypassable(head, nn.Linear)
+
+
+def training_forward_loss(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether `model(*args, **kwargs)` may return `fused_forward`'s output: a training forward
+    (train mode, grad enabled) given labels and no input beyond `FUSED_INPUTS`, of a fusable
+    model. Evaluation, `generate`, a forward without labels, or one asking for more (hidden
+    states, attentions, TRL's `fused_lm_head`) gets the model's own forward and its logits."""
+    return (not args and kwargs.get("labels") is not None and "input_ids" in kwargs
+            and set(kwargs) <= FUSED_INPUTS
+            and model.training and torch.is_grad_enabled() and fusable(model))
+
+
+def fused_forward(model: nn.Module, labels: torch.Tensor, **kwargs) -> CausalLMOutputWithPast:
+    """`model(**kwargs, labels=labels)` with the loss from `causal_lm_loss` and `logits` None."""
+    kwargs.pop("use_cache", None)
+    return CausalLMOutputWithPast(loss=causal_lm_loss(model, labels=labels, use_cache=False,
+                                                      **kwargs))

@@ -28,16 +28,23 @@ The dropout mask is drawn by `keep_mask`, reproducibly under `torch.manual_seed`
 
 On CPU the mask work runs in numpy: drawing and bit-packing always, `x * mask` (forward and
 backward) and `grad_x *= mask` for fp32/fp64 tensors, one vectorized pass each, where torch's
-bool-times-float kernels take a per-element casting path (in SmolLM2 training that cut the
-dropout's share of this function's time per step from 6.2 s to 0.6 s). Elsewhere (CUDA, bf16 or
-fp16 tensors) torch ops.
+bool-times-float kernels take a per-element casting path (docs/benchmarks.md). Elsewhere (CUDA,
+bf16 or fp16 tensors) torch ops. Under autocast the backward runs under the forward's autocast
+state (`amp.custom_fwd` / `custom_bwd`), as autograd's own ops do.
+
+`LoraLinear.forward` (peftkit/methods/lora.py) calls its submodules `B(A(dropout(x)))`; it takes
+this function instead only where `fusable` says that skips nothing (see `hooks.bypassable`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .amp import custom_bwd, custom_fwd
+from .hooks import bypassable
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -104,6 +111,7 @@ class LoraFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @custom_fwd
     def forward(ctx, y, x, weight_a, weight_b, scaling: float, dropout_p: float):
         x2 = x.reshape(-1, x.shape[-1])
         packed = None
@@ -115,13 +123,17 @@ class LoraFunction(torch.autograd.Function):
         else:
             h = x2.to(weight_a.dtype) @ weight_a.t()
         y2 = y.reshape(-1, y.shape[-1]).to(weight_b.dtype)
-        out = torch.addmm(y2, h, weight_b.t(), alpha=scaling).to(y.dtype)
+        if torch.is_autocast_enabled(y.device.type):  # autocast would round y in addmm
+            out = y2.add(h @ weight_b.t(), alpha=scaling).to(y.dtype)
+        else:
+            out = torch.addmm(y2, h, weight_b.t(), alpha=scaling).to(y.dtype)
         ctx.save_for_backward(x, h, weight_a, weight_b, packed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         return out.view(*y.shape[:-1], out.shape[-1])
 
     @staticmethod
     @once_differentiable
+    @custom_bwd
     def backward(ctx, grad_out):
         x, h, weight_a, weight_b, packed = ctx.saved_tensors
         need_y, need_x, need_a, need_b = ctx.needs_input_grad[:4]
@@ -139,13 +151,19 @@ class LoraFunction(torch.autograd.Function):
             if need_a:
                 d = x2.to(weight_a.dtype) if keep is None else _masked(x2, keep, weight_a.dtype)
                 grad_a = gh.t() @ d
-                buffer = d if keep is not None else None  # a fresh (N, in) tensor, reusable
+                # a fresh (N, in) tensor of grad_x's dtype (not under autocast), reusable
+                reusable = keep is not None and not torch.is_autocast_enabled(d.device.type)
+                buffer = d if reusable else None
             if need_x:
                 gx = torch.mm(gh, weight_a, out=buffer) if buffer is not None else gh @ weight_a
                 if keep is not None:
                     _mask_(gx, keep)
                 grad_x = gx.to(x.dtype).view(x.shape)
         grad_y = grad_out if need_y else None
+        if grad_a is not None:  # under autocast the matmuls return its dtype
+            grad_a = grad_a.to(weight_a.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(weight_b.dtype)
         return grad_y, grad_x, grad_a, grad_b, None, None
 
 
@@ -170,6 +188,14 @@ def _mask_(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         np.multiply(t.numpy(), keep.numpy(), out=t.numpy())
         return t
     return t.mul_(keep)
+
+
+def fusable(lora_a: nn.Module, lora_b: nn.Module, dropout: nn.Module) -> bool:
+    """Whether `lora_forward` computes `B(A(dropout(x)))` of these modules and skips nothing:
+    plain `nn.Linear` A and B without bias, `nn.Dropout` or `nn.Identity`, no hooks."""
+    return (bypassable(lora_a, nn.Linear) and bypassable(lora_b, nn.Linear)
+            and lora_a.bias is None and lora_b.bias is None
+            and bypassable(dropout, (nn.Dropout, nn.Identity)))
 
 
 def lora_forward(y: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor,
