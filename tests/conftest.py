@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -7,6 +8,10 @@ from peftkit import models
 from train_fixtures import tiny_model_dir
 
 torch.set_num_threads(2)
+# `peftkit train --dtype auto` picks bf16 on CPUs with AVX512-BF16/AMX. The suite's numeric checks
+# (sharded vs single-process runs, resume, PEFT parity) are written for fp32 on both CPU families;
+# tests of the bf16 choice and of bf16 training pass --dtype or call the chooser themselves.
+os.environ["PEFTKIT_DTYPE"] = "float32"
 
 
 def make_model(kind: str, seed: int = 0):

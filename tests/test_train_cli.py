@@ -260,13 +260,20 @@ def test_training_steps_use_the_speed_layer(extra, model_dir, data, tmp_path, ca
     assert lora.count(True) == 2 * 2 * 2 * (2 if extra else 1)
 
 
-@pytest.mark.parametrize("flag, said", [(None, "dtype float32 (the CPU has neither"),
-                                        ("bfloat16", "dtype bfloat16 (--dtype)")])
-def test_dtype_is_chosen_and_logged(flag, said, model_dir, data, tmp_path, capsys, monkeypatch):
-    """--dtype auto (the default) picks fp32 on a CPU without bf16 hardware and says why;
-    --dtype bfloat16 loads the base in bf16 (the adapters stay fp32)."""
+@pytest.mark.parametrize("flag, env, said", [
+    (None, None, "dtype float32 (the CPU has neither"),
+    (None, "bfloat16", "dtype bfloat16 ($PEFTKIT_DTYPE)"),
+    ("bfloat16", "float32", "dtype bfloat16 (--dtype)")])
+def test_dtype_is_chosen_and_logged(flag, env, said, model_dir, data, tmp_path, capsys,
+                                    monkeypatch):
+    """--dtype auto (the default) picks fp32 on a CPU without bf16 hardware and says why, or what
+    $PEFTKIT_DTYPE says; --dtype bfloat16 loads the base in bf16 (the adapters stay fp32)."""
     from peftkit.fast import dtype as fast_dtype
 
+    if env:
+        monkeypatch.setenv("PEFTKIT_DTYPE", env)
+    else:
+        monkeypatch.delenv("PEFTKIT_DTYPE")
     monkeypatch.setattr(fast_dtype, "cpu_flags", lambda: {"avx2", "avx512f"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     extra = ["--dtype", flag] if flag else []

@@ -86,10 +86,18 @@ def check_output_dir(args: argparse.Namespace) -> tuple[str | None, bool]:
     return None, bool(args.overwrite) and os.path.lexists(outdir.sibling(out, "replaced"))
 
 
+DTYPE_ENV = "PEFTKIT_DTYPE"
+
+
 def base_dtype(choice: str) -> torch.dtype:
-    """The base model's dtype for `--dtype`, said in the log: `auto` takes
-    `fast.dtype.training_dtype`'s choice for this machine."""
-    if choice == "auto":
+    """The base model's dtype for `--dtype`, said in the log: `auto` takes $PEFTKIT_DTYPE
+    (float32 or bfloat16) when set, else `fast.dtype.training_dtype`'s choice for this machine."""
+    forced = os.environ.get(DTYPE_ENV)
+    if choice == "auto" and forced:
+        if forced not in ("float32", "bfloat16"):
+            raise ValueError(f"{DTYPE_ENV}={forced!r}: use float32 or bfloat16")
+        dtype, why = getattr(torch, forced), f"${DTYPE_ENV}"
+    elif choice == "auto":
         dtype, why = training_dtype()
     else:
         dtype, why = getattr(torch, choice), "--dtype"
