@@ -470,6 +470,11 @@ FLAGS: dict[str, dict[str, Any]] = {
     "lora_dropout": dict(type=fraction, default=0.05, help="dropout on the LoRA branch"),
     "target_modules": TARGET_MODULES,
     "use_rslora": dict(action="store_true", default=False, help="rsLoRA scaling alpha/sqrt(r)"),
+    "use_dora": dict(action="store_true", default=False,
+                     help="DoRA: a trained magnitude per output row (Liu et al., 2024)"),
+    "loraplus_lr_ratio": dict(type=positive_float, default=None,
+                              help="LoRA+: B's learning rate = ratio x the learning rate, e.g. 16 "
+                                   "(Hayou et al., 2024); default: off"),
 }
 
 SPEC = MethodSpec(
