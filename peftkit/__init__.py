@@ -1,6 +1,7 @@
 """peftkit: parameter-efficient fine-tuning in native PyTorch, file-compatible with HF PEFT."""
 
 from .config import PeftConfig, PeftType, TaskType
+from .loraplus import create_loraplus_optimizer
 from .methods.bottleneck import AdapterConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
@@ -20,6 +21,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "create_loraplus_optimizer",
     "get_peft_model",
     "prepare_model_for_kbit_training",
 ]

@@ -100,7 +100,6 @@ def test_each_unsupported_lora_field_off_its_default_is_refused(key, tmp_path):
 
 # peft 0.21.2's LoRA variants and features as peft itself writes them; loftq needs scipy.
 VARIANTS = {
-    "use_dora": dict(use_dora=True),
     "lora_bias": dict(lora_bias=True),
     "use_qalora": dict(use_qalora=True),
     "layer_replication": dict(layer_replication=[[0, 2]]),
@@ -144,8 +143,17 @@ def test_encoder_decoder_prompts_are_refused(field, kwargs, tmp_path):
 def test_json_types_are_strict(tmp_path):
     """0 is not false: a value only equal to the default under Python's == is still refused."""
     data = saved_by_peft(tmp_path, peft.LoraConfig, **MINIMAL[peftkit.LoraConfig])
-    refused({**data, "use_dora": 0}, "use_dora")
+    refused({**data, "use_qalora": 0}, "use_qalora")
     refused({**data, "qalora_group_size": 16.0}, "qalora_group_size")
+    with pytest.raises(ValueError, match="use_dora: must be True or False"):
+        PeftConfig.from_dict({**data, "use_dora": 0})
+
+
+def test_peft_dora_file_loads_as_dora(tmp_path):
+    """use_dora is implemented (tests/test_dora.py): peft's DoRA config loads, not refused."""
+    data = saved_by_peft(tmp_path, peft.LoraConfig, target_modules=["q_proj"], use_dora=True)
+    assert PeftConfig.from_dict(data) == peftkit.LoraConfig(target_modules=["q_proj"],
+                                                            use_dora=True)
 
 
 @pytest.mark.parametrize("peft_cls, ours", CLASSES, ids=lambda c: c.__name__)
@@ -164,9 +172,9 @@ def test_unknown_key_left_unset_is_ignored_with_a_warning(value, tmp_path):
 
 
 def test_refusal_names_every_offending_field(tmp_path):
-    data = saved_by_peft(tmp_path, peft.LoraConfig, target_modules=["q_proj"], use_dora=True,
+    data = saved_by_peft(tmp_path, peft.LoraConfig, target_modules=["q_proj"], lora_bias=True,
                          layer_replication=[[0, 2]])
-    refused({**data, "future_feature": 1}, "use_dora", "layer_replication", "future_feature")
+    refused({**data, "future_feature": 1}, "lora_bias", "layer_replication", "future_feature")
 
 
 @pytest.mark.parametrize("peft_cls, kwargs", [

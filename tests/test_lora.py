@@ -195,9 +195,9 @@ def test_load_errors(tmp_path):
     import json
 
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
+    cfg["lora_bias"] = True
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(NotImplementedError, match="use_dora"):
+    with pytest.raises(NotImplementedError, match="lora_bias"):
         peftkit.PeftModel.from_pretrained(make_model("llama"), tmp_path / "a")
 
 

@@ -321,3 +321,24 @@ def test_chat_answers_each_line_until_an_empty_one(model_dir, capsys, monkeypatc
     rc, out, err = run(capsys, "chat", "--model", model_dir, "--max-new-tokens", 3)
     assert rc == 0, err
     assert len(out.splitlines()) == 2  # one reply per user line; /reset and the end print none
+
+
+def test_dora_and_loraplus_flags(model_dir, data, tmp_path, capsys, monkeypatch):
+    """--use-dora saves DoRA's magnitudes; --loraplus-lr-ratio gives the Trainer LoRA+'s groups
+    (B at 16x the learning rate) with --optim's AdamW."""
+    from peftkit.train import trainer
+
+    built = []
+    real = trainer.create_loraplus_optimizer
+    monkeypatch.setattr(trainer, "create_loraplus_optimizer",
+                        lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    out = str(tmp_path / "o")
+    rc, _, err = run(capsys, *train_args(model_dir, data, out, "--max-steps", 1, "--use-dora",
+                                         "--loraplus-lr-ratio", 16))
+    assert rc == 0, err
+    assert any(k.endswith(".lora_magnitude_vector")
+               for k in load_file(os.path.join(out, "adapter_model.safetensors")))
+    [optimizer] = built
+    assert isinstance(optimizer, torch.optim.AdamW)
+    # the scheduler has moved "lr"; it keeps each group's own rate as "initial_lr"
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [1e-2, 1e-6, 1e-2 * 16, 1e-2 * 16]

@@ -115,8 +115,8 @@ def blockers(adapter: Adapter, target: str) -> list[str]:
                 "convert_hf_to_gguf.py"]
     if raw.get("use_dora"):
         return ["DoRA's magnitude vector is read by neither llama.cpp nor vLLM (vLLM: 'does not "
-                "yet support DoRA'); merge it with Hugging Face PEFT (merge_and_unload) and serve "
-                "or convert the merged model"]
+                f"yet support DoRA'); run {merge} (DoRA merges exactly), or convert MERGED with "
+                "llama.cpp's convert_hf_to_gguf.py"]
     found = []
     full = sorted(adapter.full_tensors())
     if target == "gguf-lora" and full:

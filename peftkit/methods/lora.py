@@ -38,6 +38,7 @@ from ..config import PeftConfig, PeftType, check
 from ..fast import lora_fn
 from ..train.ranges import csv_list, fraction, positive_float, positive_int
 from .base import Injector, WrappedLayer, replace_module
+from .dora import DoraVariant
 from .modules_to_save import ModulesToSaveWrapper, add_modules_to_save
 from .spec import TARGET_MODULES, Finding, MethodSpec, PlannerSupport
 
@@ -64,7 +65,7 @@ class LoraConfig(PeftConfig):
     """LoRA hyper-parameters, with Hugging Face PEFT's names, defaults and JSON layout."""
 
     PEFT_TYPE = PeftType.LORA
-    # peft 0.21.2's LoRA fields peftkit does not implement (DoRA, the LoRA variants, data-driven
+    # peft 0.21.2's LoRA fields peftkit does not implement (the other LoRA variants, data-driven
     # inits, Megatron, ...), with peft's defaults as JSON; init_lora_weights is checked in validate.
     UNSUPPORTED_DEFAULTS = {
         "alora_invocation_tokens": None,
@@ -85,7 +86,6 @@ class LoraConfig(PeftConfig):
         "target_parameters": None,
         "trainable_token_indices": None,
         "use_bdlora": None,
-        "use_dora": False,
         "use_qalora": False,
         "velora_config": None,
     }
@@ -100,6 +100,7 @@ class LoraConfig(PeftConfig):
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
     use_rslora: bool = False
+    use_dora: bool = False
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -132,7 +133,7 @@ class LoraConfig(PeftConfig):
             "other inits, e.g. 'pissa', 'olora', 'loftq', 'mica', change the base weights or the "
             "layer: load such an adapter with Hugging Face PEFT, or merge it with PEFT first)",
         )
-        for name in ("fan_in_fan_out", "use_rslora"):
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora"):
             check(isinstance(getattr(self, name), bool), name, "must be True or False")
         layers = self.layers_to_transform
         check(
@@ -172,6 +173,16 @@ def _pattern_key(patterns: dict[str, Any], path: str) -> str:
     return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", path)), path)
 
 
+# PEFT's variant table: a config field that, when set, gives an adapter its own arithmetic (an
+# object with init, forward, merge and unmerge, as `dora.DoraVariant`); none set: plain LoRA.
+VARIANTS = {"use_dora": DoraVariant}
+
+
+def variant_for(config: LoraConfig) -> Any:
+    """The variant of the first field of `VARIANTS` that `config` sets, else None."""
+    return next((v for field, v in VARIANTS.items() if getattr(config, field)), None)
+
+
 class LoraLinear(WrappedLayer):
     """Wraps a linear layer (`nn.Linear`, `Conv1D`, or a k-bit linear) with named LoRA adapters.
 
@@ -181,7 +192,8 @@ class LoraLinear(WrappedLayer):
     FSDP2 and ZeRO-3 see every call. With `use_lora_function` (the speed layer's switch,
     `peftkit.fast`) a branch whose submodules have no hooks runs through
     `fast.lora_fn.LoraFunction` instead: the same values, and it saves x rather than a dropped
-    copy of it.
+    copy of it. An adapter with a variant (`VARIANTS`, e.g. DoRA) runs the variant's `forward`
+    on these submodules instead.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -197,6 +209,9 @@ class LoraLinear(WrappedLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's m per adapter (`dora.Magnitude`)
+        self.variants: dict[str, Any] = {}  # adapter name -> its variant; plain LoRA: absent
+        self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm each merge divided by
         self.use_lora_function = True
 
     @property
@@ -209,7 +224,7 @@ class LoraLinear(WrappedLayer):
         return self.base_layer.weight.dtype
 
     def add(self, name: str, r: int, alpha: float, scaling: float, dropout: float,
-            init: bool | str, dtype: torch.dtype) -> None:
+            init: bool | str, dtype: torch.dtype, variant: Any = None) -> None:
         device = self.base_layer.weight.device
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
@@ -221,13 +236,20 @@ class LoraLinear(WrappedLayer):
             else:
                 nn.init.normal_(self.lora_A[name].weight, std=1 / r)
             nn.init.zeros_(self.lora_B[name].weight)
+        if variant is not None:
+            self.variants[name] = variant
+            variant.init(self, name)
 
     @property
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        tensors = {"lora_A.weight": self.lora_A[name].weight,
+                   "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
+        return tensors
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -236,22 +258,53 @@ class LoraLinear(WrappedLayer):
             del d[name]
         for d in (self.r, self.lora_alpha, self.scaling):
             del d[name]
+        if name in self.variants:
+            del self.variants[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight between the base layer's layout and (out, in) (a transpose for Conv1D)."""
+        return weight.T if self.fan_in_fan_out else weight
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), in the dtype the base layer computes with."""
+        return self.out_in(self.base_layer.weight)
+
+    def lora_delta(self, name: str) -> torch.Tensor:
+        """scaling * B @ A as (out, in), fp32."""
+        return (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in the base weight's layout ((in, out) for Conv1D), fp32."""
-        a = self.lora_A[name].weight.float()
-        b = self.lora_B[name].weight.float()
-        delta = (b @ a) * self.scaling[name]
-        return delta.T if self.fan_in_fan_out else delta
+        return self.out_in(self.lora_delta(name))
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """fp32 `weight` (base layout) with adapter `name` folded in; its variant's rule, or
+        W + delta. A variant's rule gets the weight with no adapter merged as well."""
+        variant = self.variants.get(name)
+        if variant is None:
+            return weight + self.delta_weight(name)
+        unmerged = weight
+        for done in reversed(self.merged_adapters):
+            unmerged = self.unmerged_weight(done, unmerged)
+        return variant.merge(self, name, weight, unmerged)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """fp32 `weight` with adapter `name`, the last one merged into it, taken out."""
+        variant = self.variants.get(name)
+        return weight - self.delta_weight(name) if variant is None else \
+            variant.unmerge(self, name, weight)
 
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
         weight = self.base_layer.weight
         for name in names:
             if name not in self.lora_A or name in self.merged_adapters:
                 continue
-            merged = weight.data.float() + self.delta_weight(name)
+            merged = self.merged_weight(name, weight.data.float())
             if safe_merge and not torch.isfinite(merged).all():
+                self.merged_norms.pop(name, None)
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
             weight.data.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
@@ -260,7 +313,8 @@ class LoraLinear(WrappedLayer):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data.copy_((weight.data.float() - self.delta_weight(name)).to(weight.dtype))
+            weight.data.copy_(self.unmerged_weight(name, weight.data.float()).to(weight.dtype))
+            self.merged_norms.pop(name, None)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -268,6 +322,10 @@ class LoraLinear(WrappedLayer):
             return y
         for name in self.active_adapters:
             if name in self.merged_adapters:
+                continue
+            variant = self.variants.get(name)
+            if variant is not None:
+                y = variant.forward(self, name, x, y).to(y.dtype)
                 continue
             a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             if self.use_lora_function and lora_fn.fusable(a, b, dropout):
@@ -302,7 +360,8 @@ class LoraInjector(Injector):
                 replace_module(model, path, layer)
             r, alpha, scaling = config.scaling_for(path)
             dtype = torch.float32 if autocast_adapter_dtype else layer.compute_dtype
-            layer.add(name, r, alpha, scaling, config.lora_dropout, config.init_lora_weights, dtype)
+            layer.add(name, r, alpha, scaling, config.lora_dropout, config.init_lora_weights, dtype,
+                      variant_for(config))
         add_modules_to_save(model, config.modules_to_save, name)
 
     def extra_tensors(self, model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:
@@ -411,6 +470,11 @@ FLAGS: dict[str, dict[str, Any]] = {
     "lora_dropout": dict(type=fraction, default=0.05, help="dropout on the LoRA branch"),
     "target_modules": TARGET_MODULES,
     "use_rslora": dict(action="store_true", default=False, help="rsLoRA scaling alpha/sqrt(r)"),
+    "use_dora": dict(action="store_true", default=False,
+                     help="DoRA: a trained magnitude per output row (Liu et al., 2024)"),
+    "loraplus_lr_ratio": dict(type=positive_float, default=None,
+                              help="LoRA+: B's learning rate = ratio x the learning rate, e.g. 16 "
+                                   "(Hayou et al., 2024); default: off"),
 }
 
 SPEC = MethodSpec(

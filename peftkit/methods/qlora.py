@@ -48,6 +48,12 @@ class KbitLoraLinear(LoraLinear):
             return torch.float16
         return super().compute_dtype
 
+    def dense_weight(self) -> torch.Tensor:
+        """The dequantized base weight (out, in) (for DoRA's norm)."""
+        if quant.kbit_kind(self.base_layer) is None:
+            return super().dense_weight()
+        return quant.dequantize_weight(self.base_layer)
+
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
         """Fold adapters into the k-bit weight by re-quantizing W0 + delta (lossy, warned)."""
         if quant.kbit_kind(self.base_layer) is None:  # dequantized by dequantize_model
@@ -59,8 +65,9 @@ class KbitLoraLinear(LoraLinear):
                 warnings.warn(f"adapter {name!r} is already merged; not merging it again",
                               stacklevel=3)
                 continue
-            merged = quant.dequantize_weight(self.base_layer).float() + self.delta_weight(name)
+            merged = self.merged_weight(name, quant.dequantize_weight(self.base_layer).float())
             if safe_merge and not torch.isfinite(merged).all():
+                self.merged_norms.pop(name, None)
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; not merged")
             warnings.warn(
                 f"merging adapter {name!r} into a k-bit weight re-quantizes it: each weight moves "
@@ -79,8 +86,9 @@ class KbitLoraLinear(LoraLinear):
                           "weight differs from the original by rounding", stacklevel=3)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            restored = quant.dequantize_weight(self.base_layer).float() - self.delta_weight(name)
+            restored = self.unmerged_weight(name, quant.dequantize_weight(self.base_layer).float())
             quant.requantize_(self.base_layer, restored)
+            self.merged_norms.pop(name, None)
 
 
 register_wrapper(lambda layer: quant.kbit_kind(layer) is not None, KbitLoraLinear)

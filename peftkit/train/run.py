@@ -261,7 +261,7 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
         callbacks=[JsonlLogger(args.output_dir), LogAtCheckpoints()]
         + ([DropReplaced()] if moved_aside else []),
-        fused_loss=args.fused_loss,
+        fused_loss=args.fused_loss, loraplus_lr_ratio=method_opts.get("loraplus_lr_ratio"),
     )
     memory = PeakMemory()
     memory.start()

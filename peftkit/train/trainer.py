@@ -30,17 +30,33 @@ from transformers import Trainer
 
 from .. import fast
 from ..fast import loss as fast_loss
+from ..loraplus import create_loraplus_optimizer
 from ..model import PeftModel
 
 
 class AdapterTrainer(Trainer):
-    def __init__(self, *args, fused_loss: bool = True, **kwargs) -> None:
+    """The stock Trainer with peftkit's speed layer; `loraplus_lr_ratio` trains with LoRA+'s
+    parameter groups (`peftkit.loraplus`), --optim's optimizer and --weight-decay."""
+
+    def __init__(self, *args, fused_loss: bool = True, loraplus_lr_ratio: float | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fused_loss = fused_loss
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         if isinstance(self.model, PeftModel):
             fast.apply(self.model, loss=fused_loss)
         else:
             fast.use_lean_mlps(self.model)
+
+    def create_optimizer(self, model=None):
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = create_loraplus_optimizer(
+            model, optimizer_cls, loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         module = self.accelerator.unwrap_model(model)
