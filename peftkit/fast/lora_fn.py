@@ -60,7 +60,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     at a quarter of the random bits, which is what makes it cheaper than torch's `bernoulli_` on
     CPU. Elsewhere torch's `bernoulli_`.
     """
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
     rng = np.random.PCG64(int(torch.randint(0, 2**62, ()).item()))
     n = shape.numel()

@@ -153,7 +153,8 @@ def fusable(model: nn.Module) -> bool:
         return False
     if getattr(lm, "loss_function", None) is not ForCausalLMLoss:
         return False
-    if not bypassable(lm, type(lm)):
+    # Only transformers' own classes: a subclass's forward (an extra loss term, say) must run.
+    if not type(lm).__module__.startswith("transformers.") or not bypassable(lm, type(lm)):
         return False
     adapter = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
     if adapter is not None and adapter.is_prompt_learning:
