@@ -4,6 +4,7 @@ prepare step, training in transformers' Trainer, and errors."""
 import contextlib
 import copy
 import io
+import os
 import sys
 
 import bitsandbytes as bnb
@@ -302,8 +303,8 @@ def test_seed_recipe_trains_in_trainer(base_dir, tokens, tmp_path):
     ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(2)).repeat(4, 1)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
-                             learning_rate=5e-2, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True)
+                             learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True,
+                             disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -314,6 +315,10 @@ def test_seed_recipe_trains_in_trainer(base_dir, tokens, tmp_path):
         assert changed == (n in trainable), n
     for n, m in kbit_layers(model).items():
         assert torch.equal(m.weight.quant_state.absmax, states[n]), n
+    # Default checkpointing: the 4-bit base's checkpoint is the adapter alone, in PEFT's layout.
+    files = set(os.listdir(tmp_path / "checkpoint-5"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not files & {"model.safetensors", "config.json"}
 
 
 # -- errors -------------------------------------------------------------------------------------
