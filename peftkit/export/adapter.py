@@ -49,15 +49,11 @@ class Adapter:
 
     @classmethod
     def load(cls, directory: str) -> "Adapter":
-        path = os.path.join(directory, CONFIG_NAME)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                raw = json.load(fh)
-        except FileNotFoundError:
-            raise UserError(f"no {CONFIG_NAME} in {directory}: pass the folder `peftkit train` "
-                            "or save_pretrained wrote") from None
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON: {err}") from None
+        from ..train.inputs import adapter_config
+
+        adapter_config(directory)  # the folder, the config and the weights file, checked
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
+            raw = json.load(fh)
         return cls(directory, raw, load_tensors(directory))
 
     @property

@@ -15,6 +15,17 @@ from transformers import TrainerCallback
 
 METRICS = "metrics.jsonl"
 CURVE = "loss_curve.png"
+SUMMARY = "run_summary.json"
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    """The records of `output_dir/metrics.jsonl` (none if it is missing); a last line still being
+    written by a live run is left out."""
+    try:
+        with open(os.path.join(output_dir, METRICS), encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip().endswith("}")]
+    except OSError:
+        return []
 
 
 class JsonlLogger(TrainerCallback):
@@ -88,13 +99,11 @@ def draw_loss_curve(output_dir: str) -> None:
     import matplotlib.pyplot as plt
 
     series: dict[str, tuple[list, list]] = {"loss": ([], []), "eval_loss": ([], [])}
-    with open(os.path.join(output_dir, METRICS), encoding="utf-8") as fh:
-        for line in fh:
-            record = json.loads(line)
-            for key, (xs, ys) in series.items():
-                if key in record:
-                    xs.append(record["step"])
-                    ys.append(record[key])
+    for record in read_metrics(output_dir):
+        for key, (xs, ys) in series.items():
+            if key in record:
+                xs.append(record["step"])
+                ys.append(record[key])
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, (xs, ys) in series.items():
         if xs:

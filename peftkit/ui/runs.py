@@ -5,16 +5,15 @@ started from a terminal show up, and a restarted server finds its runs again."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 
 from ..errors import UserError
+from ..train.metrics import CURVE, METRICS, SUMMARY, read_metrics
 from . import jobs
 
-SUMMARY, METRICS, CURVE, RESULTS, TABLE = ("run_summary.json", "metrics.jsonl", "loss_curve.png",
-                                           "results.json", "results.md")
+RESULTS, TABLE = "results.json", "results.md"
 PLOTS = ("quality_vs_params.png", "memory_time.png")
 DEPTH = 3  # runs are found this many folders deep (compare/sweep keep one folder per run)
 LOG_TAIL = 40
@@ -82,14 +81,6 @@ def status(path: str, summary: dict | None, record: dict | None) -> tuple[str, d
     if record and record.get("returncode") not in (0, None):
         return "failed", None
     return "incomplete", None
-
-
-def read_metrics(path: str) -> list[dict]:
-    try:
-        with open(os.path.join(path, METRICS), encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip().endswith("}")]
-    except OSError:
-        return []
 
 
 def row(root: str, path: str) -> dict:
