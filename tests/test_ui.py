@@ -12,7 +12,7 @@ import pytest
 
 from peftkit import cli
 from peftkit.errors import UserError
-from peftkit.ui import settings
+from peftkit.ui import runs, settings
 from peftkit.ui.server import make_server
 from ui_fixtures import Server, alive, call, wait_for
 
@@ -173,6 +173,20 @@ def test_chat_and_eval_answer_as_the_cli(model_dir, data, tmp_path):
 
 # -- runs -------------------------------------------------------------------------------------
 
+def test_a_checkpoint_cut_short_is_shown_but_not_offered(tmp_path):
+    run = tmp_path / "runs" / "r"
+    for step, state in ((2, "{}"), (4, "{}"), (6, '{"glob')):  # 6: the stop hit its last file
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "trainer_state.json").write_text(state)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    found = runs.row(str(tmp_path / "runs"), str(run))
+    assert found["checkpoints"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert found["interrupted"] == ["checkpoint-6"]
+    assert found["adapters"] == ["r/checkpoint-2", "r/checkpoint-4"]
+
+
 def run_settings(model_dir, data, name, **more):
     return {"name": name, "model": model_dir, "data": data, "batch_size": "4",
             "grad_accum": "1", "logging_steps": "1", "save_steps": "2", "learning_rate": "0.01",
@@ -207,7 +221,10 @@ def test_run_is_refused_stopped_and_resumed(model_dir, data, tmp_path):
                            and r)
         assert not os.path.exists(runs / ".r1.peftkit-lock")  # released by the run itself
         assert "KeyboardInterrupt" in "\n".join(stopped["log"])
-        last = stopped["checkpoints"][-1]
+        # the stop may cut the last save short; that one is shown but not offered or resumed
+        finished = [c for c in stopped["checkpoints"] if c not in stopped["interrupted"]]
+        assert stopped["interrupted"] in ([], stopped["checkpoints"][-1:])
+        last = finished[-1]
         step = int(last.split("-")[1])
         assert f"r1/{last}" in stopped["adapters"]
 

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+from peftkit.train.checkpoints import is_complete, last_complete_checkpoint
 from train_fixtures import tiny_model_dir
 from ui_fixtures import ROOT, Server
 
@@ -104,16 +105,21 @@ def test_plan_run_watch_stop_and_chat(page, tmp_path):
         shoot(page, tmp_path, "runs")
 
         # Try: the last checkpoint and the base model answer the same message
-        checkpoints = [n for n in os.listdir(runs / "tiny-lora") if n.startswith("checkpoint-")]
-        checkpoint = max(checkpoints, key=lambda n: int(n.split("-")[1]))
+        # (the stop may have cut the last save short: the page offers only finished ones)
+        checkpoint = last_complete_checkpoint(str(runs / "tiny-lora"))
         page.click("nav button[data-tab=try]")
-        page.fill("#adapter", f"tiny-lora/{checkpoint}")
+        page.wait_for_selector(f"#adapters option[value='tiny-lora/{os.path.basename(checkpoint)}']",
+                               state="attached")
+        offered = page.eval_on_selector_all("#adapters option", "os => os.map(o => o.value)")
+        assert all(is_complete(str(runs / a)) for a in offered if "checkpoint-" in a)
+        page.fill("#adapter", f"tiny-lora/{os.path.basename(checkpoint)}")
         page.fill("#max-new-tokens", "6")
         page.fill("#chat-input", "1+2=")
         page.press("#chat-input", "Enter")
-        page.wait_for_selector("#chat-adapter .bubble.assistant:not(.pending)")
-        page.wait_for_selector("#chat-base .bubble.assistant:not(.pending)")
-        assert page.inner_text("#chat-error") == ""
+        for side in ("adapter", "base"):
+            page.wait_for_selector(f"#chat-{side} .bubble.assistant:not(.pending), "
+                                   "#chat-error:not(:empty)")
+            assert page.inner_text("#chat-error") == "", open(tmp_path / "server.log").read()
         page.fill("#eval-data", str(data))
         page.fill("#eval-limit", "4")
         page.click("#eval-run")

@@ -30,10 +30,19 @@ from ..methods import registry
 from ..model import PeftModel, get_peft_model
 from ..prepare import prepare_model_for_kbit_training
 from . import fsdp, inputs, loading, options
+from .checkpoints import is_complete, last_complete_checkpoint
 from .examples import Collator, load_examples, pack
-from .metrics import SUMMARY, JsonlLogger, LogAtCheckpoints, available_report_to, \
-    draw_loss_curve, loss_before, run_loss
-from .trainer import AdapterTrainer, is_complete, last_complete_checkpoint
+from .metrics import (
+    SUMMARY,
+    JsonlLogger,
+    LogAtCheckpoints,
+    available_report_to,
+    draw_loss_curve,
+    loss_before,
+    run_loss,
+)
+from .trainer import AdapterTrainer
+
 
 def _main_process() -> bool:
     """True but in torchrun's ranks other than 0: the process that holds the output dir."""

@@ -3,8 +3,7 @@
 Checkpoints hold the adapter in PEFT's layout, as with any stock Trainer (`peftkit.hf_trainer`
 teaches transformers that a peftkit `PeftModel` is a PEFT model); everything else a checkpoint
 holds (optimizer, scheduler, RNG states, `trainer_state.json`) is the stock Trainer's.
-`trainer_state.json` is the last file a checkpoint gets, so a checkpoint folder without a readable
-one is an interrupted save and `last_complete_checkpoint` skips it.
+Which `checkpoint-N` folders finished saving is `checkpoints`' business.
 
 The training step is the stock one: the model brings peftkit's speed layer (`peftkit.fast`: the
 fused output-head loss in a training forward that asks only for the loss, the lean gated MLPs, the
@@ -20,9 +19,6 @@ steps, the fused loss through `_fused_loss_forward`.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import re
 from typing import Callable, Iterator
 
 from torch import nn
@@ -88,23 +84,3 @@ def _fused_loss_forward(module: nn.Module, autocast: Callable) -> Iterator[None]
             del module.forward
         else:
             module.forward = saved
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The highest-step `checkpoint-N` folder whose save finished, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((int(m.group(1)) for name in os.listdir(output_dir)
-                    if (m := re.fullmatch(r"checkpoint-(\d+)", name))), reverse=True)
-    folders = (os.path.join(output_dir, f"checkpoint-{step}") for step in steps)
-    return next((folder for folder in folders if is_complete(folder)), None)
-
-
-def is_complete(folder: str) -> bool:
-    """True when the checkpoint's last file, `trainer_state.json`, was written in full."""
-    try:
-        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as fh:
-            json.load(fh)
-    except (OSError, ValueError):
-        return False
-    return True

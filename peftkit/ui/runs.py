@@ -10,6 +10,7 @@ import re
 import time
 
 from ..errors import UserError
+from ..train.checkpoints import is_complete
 from ..train.metrics import CURVE, METRICS, SUMMARY, read_metrics
 from . import jobs
 
@@ -89,12 +90,15 @@ def row(root: str, path: str) -> dict:
     record = jobs.read_json(jobs.record_path(path))
     state, _ = status(path, summary, record)
     ckpts = _checkpoints(path) if os.path.isdir(path) else []
+    # a checkpoint whose save was interrupted (a stopped run) is listed but not offered
+    interrupted = [c for c in ckpts if not is_complete(os.path.join(path, c))]
     adapters = [os.path.relpath(os.path.join(path, c), root) for c in ckpts
-                if os.path.exists(os.path.join(path, c, "adapter_config.json"))]
+                if c not in interrupted
+                and os.path.exists(os.path.join(path, c, "adapter_config.json"))]
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         adapters.insert(0, os.path.relpath(path, root))
     out = {"name": os.path.relpath(path, root), "status": state, "modified": _modified(path),
-           "checkpoints": ckpts, "adapters": adapters, "has_curve": os.path.exists(
+           "checkpoints": ckpts, "interrupted": interrupted, "adapters": adapters, "has_curve": os.path.exists(
                os.path.join(path, CURVE))}
     if summary:
         out.update({k: summary.get(k) for k in ("method", "model", "data", "steps",

@@ -258,7 +258,7 @@ async function showRun(name) {
   if (run.error) box.append(el("p", { class: "error" }, run.error));
   if (run.has_curve) box.append(el("img", { src: fileUrl(run.name + "/loss_curve.png"), alt: "loss curve of " + run.name }));
   else if (run.loss.length) { const c = el("canvas", { width: 600, height: 260 }); box.append(c); lineChart(c, [{ label: "train loss", points: run.loss }]); }
-  if (run.checkpoints.length) box.append(el("p", {}, "checkpoints: " + run.checkpoints.join(", ")));
+  if (run.checkpoints.length) box.append(el("p", {}, "checkpoints: " + run.checkpoints.map((c) => run.interrupted.includes(c) ? c + " (save interrupted)" : c).join(", ")));
   if (run.summary) box.append(el("details", {}, el("summary", {}, "run_summary.json"), el("pre", {}, JSON.stringify(run.summary, null, 2))));
 }
 
