@@ -20,6 +20,7 @@ from torch import nn
 from . import checkpoint, fast, hf_trainer, hub, quant
 from .config import PeftConfig, TaskType
 from .fast import loss as fast_loss
+from .methods import pissa
 from .methods.base import TunerLayer, replace_module
 from .methods.registry import injector_for
 
@@ -280,13 +281,19 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike,
                         selected_adapters: list[str] | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True,
-                        state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
+                        state_dict: dict[str, torch.Tensor] | None = None,
+                        path_initial_model_for_weight_conversion: str | None = None,
+                        **kwargs) -> None:
         """Write each adapter as PEFT does: `default` in `save_directory/`, `X` in
         `save_directory/X/`; weights then config, each file atomically.
 
         `state_dict`: the model's full state dict as a sharding or offloading engine gathered it
         (keys as in `self.state_dict()`); the adapter tensors are taken from it instead of from
-        the parameters this process holds."""
+        the parameters this process holds.
+        `path_initial_model_for_weight_conversion`: the folder of a PiSSA/OLoRA adapter saved
+        right after init; each adapter is saved as the plain rank-2r LoRA that gives the same
+        model on the untouched base (`methods.pissa.lora_from_mutated`), and, as PEFT does, that
+        folder's config is rewritten with `init_lora_weights=True`."""
         if not safe_serialization:
             warnings.warn("peftkit writes safetensors only; ignoring safe_serialization=False",
                           stacklevel=2)
@@ -304,8 +311,14 @@ class PeftModel(nn.Module):
             tensors = self.adapter_tensors(name)
             if state_dict:  # DeepSpeed hands over {} when it gathered nothing
                 tensors = self._from_state_dict(tensors, state_dict)
+            config = self.peft_config[name]
+            if path_initial_model_for_weight_conversion is not None:
+                initial = path_initial_model_for_weight_conversion
+                pissa.initial_config(config).save_pretrained(initial)
+                config, tensors = pissa.lora_from_mutated(config, tensors,
+                                                          checkpoint.load_tensors(initial))
             checkpoint.save_tensors(tensors, os.path.join(out, checkpoint.WEIGHTS_NAME))
-            self.peft_config[name].save_pretrained(out)
+            config.save_pretrained(out)
 
     def _from_state_dict(self, tensors: dict[str, torch.Tensor],
                          state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

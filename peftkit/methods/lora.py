@@ -16,13 +16,16 @@ A frozen linear map W0 (out_features x in_features) gets a trainable low-rank up
                     y (..., out)
 
 Default init (`init_lora_weights=True`): A kaiming-uniform with a = sqrt(5) and B = 0, so the model
-is unchanged at injection; `"gaussian"`: A ~ N(0, 1/r); `False`: nn.Linear's default init for both.
+is unchanged at injection; `"gaussian"`: A ~ N(0, 1/r); `False`: nn.Linear's default init for both;
+`"pissa"`, `"pissa_niter_N"`, `"olora"`: A and B from the base weight, which becomes the residual
+(`pissa`).
 GPT-2's `Conv1D` stores its weight as (in, out): there `fan_in_fan_out` is forced true and only the
 delta is transposed when merging; A and B keep the shapes above.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import re
@@ -38,6 +41,7 @@ from ..config import PeftConfig, PeftType, check
 from ..fast import lora_fn
 from ..train.ranges import csv_list, fraction, positive_float, positive_int
 from .base import Injector, WrappedLayer, replace_module
+from . import pissa
 from .dora import DoraVariant
 from .modules_to_save import ModulesToSaveWrapper, add_modules_to_save
 from .spec import TARGET_MODULES, Finding, MethodSpec, PlannerSupport
@@ -126,12 +130,14 @@ class LoraConfig(PeftConfig):
         )
         check(self.bias in BIAS_MODES, "bias", f"must be one of {BIAS_MODES}, got {self.bias!r}")
         check(
-            self.init_lora_weights in (True, False, "gaussian")
-            and isinstance(self.init_lora_weights, (bool, str)),
+            (self.init_lora_weights in (True, False, "gaussian")
+             and isinstance(self.init_lora_weights, (bool, str)))
+            or pissa.valid(self.init_lora_weights),
             "init_lora_weights",
-            f"peftkit implements True, False and 'gaussian', got {self.init_lora_weights!r} (PEFT's "
-            "other inits, e.g. 'pissa', 'olora', 'loftq', 'mica', change the base weights or the "
-            "layer: load such an adapter with Hugging Face PEFT, or merge it with PEFT first)",
+            f"peftkit implements True, False, 'gaussian', 'pissa', 'pissa_niter_N' and 'olora', "
+            f"got {self.init_lora_weights!r} (PEFT's other inits, e.g. 'loftq', 'corda', 'mica', "
+            "change the base weights or the layer: load such an adapter with Hugging Face PEFT, "
+            "or merge it with PEFT first; for LoftQ see peftkit.methods.loftq)",
         )
         for name in ("fan_in_fan_out", "use_rslora", "use_dora"):
             check(isinstance(getattr(self, name), bool), name, "must be True or False")
@@ -230,7 +236,9 @@ class LoraLinear(WrappedLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
-        if init is not False:
+        if pissa.valid(init):
+            pissa.init_from_base(self, name, init)
+        elif init is not False:
             if init is True:
                 nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
             else:
@@ -464,6 +472,17 @@ def doctor_checks(cfg: dict) -> list[Finding]:
     return out
 
 
+def init_weights(text: str) -> bool | str:
+    """`--init-lora-weights`: `true`/`default` (kaiming A, zero B), `gaussian`, `pissa`,
+    `pissa_niter_N` or `olora` (`pissa`)."""
+    if str(text).lower() in ("true", "default"):
+        return True
+    if text == "gaussian" or pissa.valid(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected default, gaussian, pissa, pissa_niter_N (N an integer) or olora, got {text!r}")
+
+
 FLAGS: dict[str, dict[str, Any]] = {
     "r": dict(type=positive_int, default=8, help="LoRA rank"),
     "lora_alpha": dict(type=positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)"),
@@ -472,6 +491,12 @@ FLAGS: dict[str, dict[str, Any]] = {
     "use_rslora": dict(action="store_true", default=False, help="rsLoRA scaling alpha/sqrt(r)"),
     "use_dora": dict(action="store_true", default=False,
                      help="DoRA: a trained magnitude per output row (Liu et al., 2024)"),
+    "init_lora_weights": dict(
+        type=init_weights, default=True,
+        help="LoRA init: default (B = 0), gaussian, pissa, pissa_niter_N (Meng et al., 2024) or "
+             "olora (Buyukakyuz, 2024); pissa/olora move part of the base weight into the "
+             "adapter, and the saved adapter is converted to plain LoRA for the untouched base "
+             "(the init is kept in OUTPUT_DIR/initial_adapter)"),
     "loraplus_lr_ratio": dict(type=positive_float, default=None,
                               help="LoRA+: B's learning rate = ratio x the learning rate, e.g. 16 "
                                    "(Hayou et al., 2024); default: off"),

@@ -2,7 +2,8 @@
 model + method -> Trainer -> adapter + summary -> optional extras.
 
 Files in the output directory: the adapter (PEFT layout) or, for `--method full`, the whole
-model; the tokenizer; `checkpoint-N/` folders; `metrics.jsonl`; `run_summary.json`; then
+model; for a LoRA init that changes the base (PiSSA, OLoRA) the adapter converted to plain LoRA
+and the init in `initial_adapter/` (`methods.pissa.start_run`); the tokenizer; `checkpoint-N/` folders; `metrics.jsonl`; `run_summary.json`; then
 `loss_curve.png` when matplotlib is installed. Under torchrun every rank trains and only rank 0
 writes.
 
@@ -26,8 +27,8 @@ from transformers import TrainerCallback
 from .. import outdir
 from ..checkpoint import atomic_write_text
 from ..fast.dtype import training_dtype
-from ..methods import registry
-from ..model import PeftModel, get_peft_model
+from ..methods import pissa, registry
+from ..model import PeftModel
 from ..prepare import prepare_model_for_kbit_training
 from . import fsdp, inputs, loading, options
 from .checkpoints import is_complete, last_complete_checkpoint
@@ -250,7 +251,7 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     if config is not None:
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, config)
+        model = pissa.start_run(model, config, args.output_dir, resume, _main_process())
 
     training_args = _training_arguments(args, eval_rows is not None)
     if training_args.should_save:
@@ -281,6 +282,8 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         metrics.update({k: v for k, v in trainer.evaluate().items()
                         if k in ("eval_loss", "epoch")})
     trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        pissa.finish_run(config, args.output_dir)
     if test_data and trainer.is_world_process_zero():
         metrics.update(_test_metrics(model.eval(), tokenizer, test_data, args))
 

@@ -1,0 +1,227 @@
+"""LoRA inits that move part of the base weight into the adapter: PiSSA (Meng et al., 2024,
+arXiv:2404.02948) and OLoRA (Büyükakyüz, 2024, arXiv:2406.01775), as Hugging Face PEFT 0.21.2
+computes them (`LoraConfig(init_lora_weights="pissa" | "pissa_niter_N" | "olora")`).
+
+With the base weight W (out, in) (transposed from GPT-2's `Conv1D` (in, out)), rank r and
+scaling s (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA), in fp32:
+
+    PiSSA:   W = U S V^T (full SVD; `pissa_niter_N`: `torch.svd_lowrank(W, r, niter=N)`)
+             B = U_r sqrt(S_r / s)      (out, r)      A = sqrt(S_r / s) V_r^T      (r, in)
+    OLoRA:   W = Q R (reduced QR)
+             B = Q[:, :r]               (out, r)      A = R[:r]                    (r, in)
+
+and the base becomes the residual W_res = W - s * B @ A, rounded to the base dtype, so the model
+is unchanged at init up to that rounding. A and B are rounded to the base dtype too (PEFT moves
+the adapter to the base layer's dtype before `autocast_adapter_dtype` upcasts it).
+
+Because the base is changed, a PiSSA adapter file describes W_res + s * B @ A: loading one
+re-runs the init on the untouched base (exact again for "pissa" and "olora", which are
+deterministic; a different random residual for `pissa_niter_N`). `lora_from_mutated` turns the
+trained adapter into a plain LoRA on the untouched base, given the initial adapter A0, B0:
+
+    W_res + s * B @ A = W + s * (B @ A - B0 @ A0) = W + s * [B, -B0] @ [A; A0]
+
+a rank-2r LoRA with r and lora_alpha doubled (rsLoRA: alpha * sqrt(2)), so s is unchanged
+(`PeftModel.save_pretrained(dir, path_initial_model_for_weight_conversion=INIT_DIR)`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import checkpoint, quant
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .lora import LoraConfig, LoraLinear
+
+_PISSA = re.compile(r"pissa(_niter_(\d+))?")
+INITIAL_DIR = "initial_adapter"  # `peftkit train`: the adapter at init, in the output dir
+
+
+def valid(init: Any) -> bool:
+    """Whether `init` is an `init_lora_weights` value this module computes."""
+    return isinstance(init, str) and (init == "olora" or _PISSA.fullmatch(init) is not None)
+
+
+def mutates_base(config: Any) -> bool:
+    """Whether `config` is a LoRA config whose init changes the base weights."""
+    return valid(getattr(config, "init_lora_weights", None))
+
+
+def init_from_base(layer: "LoraLinear", name: str, init: str) -> None:
+    """Set adapter `name`'s A and B on `layer` from its base weight and replace the base weight
+    by the residual (the module docstring's formulas), in place."""
+    base = layer.base_layer
+    weight = base.weight
+    if weight.device.type == "meta":  # `peftkit estimate` counts parameters only
+        return
+    if quant.kbit_kind(base) is not None:
+        raise UserError(
+            f"init_lora_weights={init!r} needs a full-precision base, not a bitsandbytes k-bit "
+            "layer: PEFT refuses PiSSA there too. Initialise on the fp16/bf16/fp32 model, save "
+            "the residual model (`unload()`), and quantize that instead")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UserError(f"init_lora_weights={init!r}: the base weight is {weight.dtype}; "
+                        "load the model in float32, float16 or bfloat16")
+    if init == "olora" and layer.fan_in_fan_out:
+        raise UserError(
+            "init_lora_weights='olora' on a GPT-2 Conv1D layer (fan_in_fan_out): PEFT 0.21.2's "
+            "OLoRA ignores the transposed layout and fails or gives a wrong init there, so its "
+            "files would not load in PEFT. Use 'pissa', or target nn.Linear layers")
+    r, s = layer.r[name], layer.scaling[name]
+    w = layer.out_in(weight.to(torch.float32))  # (out, in)
+    if r > min(w.shape):
+        raise UserError(f"init_lora_weights={init!r}: r={r} exceeds the smaller side "
+                        f"{min(w.shape)} of a {tuple(w.shape)} weight; use a smaller r")
+    if init == "olora":
+        q, rr = torch.linalg.qr(w)
+        b, a = q[:, :r].contiguous(), rr[:r].contiguous()
+    else:
+        niter = _PISSA.fullmatch(init).group(2)
+        if niter is None:
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            u, sv, vh = u[:, :r], sv[:r] / s, vh[:r]
+        else:
+            u, sv, v = torch.svd_lowrank(w, r, niter=int(niter))
+            sv, vh = sv / s, v.t()
+        a = torch.diag(torch.sqrt(sv)) @ vh  # PEFT's expressions, for the same bits
+        b = u @ torch.diag(torch.sqrt(sv))
+    with torch.no_grad():
+        residual = (w - s * b @ a).to(weight.dtype)
+        weight.data = layer.out_in(residual).contiguous()
+        layer.lora_A[name].weight.copy_(a.to(weight.dtype))
+        layer.lora_B[name].weight.copy_(b.to(weight.dtype))
+
+
+def lora_from_mutated(config: "LoraConfig", tensors: dict[str, torch.Tensor],
+                      initial: dict[str, torch.Tensor]) -> tuple["LoraConfig", dict]:
+    """The plain LoRA (config, file tensors) equal on the untouched base to a PiSSA/OLoRA
+    adapter `tensors` (file keys) whose initial A0, B0 are in `initial` (the module docstring).
+
+    Other tensors (biases, modules_to_save) are kept as they are; PEFT drops them."""
+    if config.use_dora:
+        raise UserError("converting a PiSSA/OLoRA adapter to LoRA with use_dora=True is not "
+                        "possible (DoRA's magnitude does not add up); save it without "
+                        "path_initial_model_for_weight_conversion and keep the residual model")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise UserError("path_initial_model_for_weight_conversion does not work with "
+                        "use_rslora together with rank_pattern or alpha_pattern (as in PEFT): "
+                        "train without one of them")
+    init = config.init_lora_weights
+    if not (init is True or valid(init)):
+        warnings.warn(f"path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters; "
+                      f"this one has init_lora_weights={init!r}", stacklevel=3)
+    out = {}
+    for key, t in tensors.items():
+        pair = key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")
+        if pair and key not in initial:
+            raise UserError(f"the initial adapter has no {key!r}: pass the folder saved right "
+                            "after initialising this adapter")
+        if key.endswith(".lora_A.weight"):
+            out[key] = torch.cat([t, initial[key].to(t)], dim=0)  # (2r, in)
+        elif key.endswith(".lora_B.weight"):
+            out[key] = torch.cat([t, -initial[key].to(t)], dim=1)  # (out, 2r)
+        else:
+            out[key] = t
+    converted = copy.deepcopy(config)
+    converted.init_lora_weights = True
+    converted.r *= 2
+    converted.lora_alpha *= 2 ** 0.5 if config.use_rslora else 2
+    converted.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    converted.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
+    return converted, out
+
+
+def initial_config(config: "LoraConfig") -> "LoraConfig":
+    """`config` with `init_lora_weights=True`: loading the initial adapter must not change the
+    base again (PEFT writes this config into the initial folder when converting)."""
+    out = copy.deepcopy(config)
+    out.init_lora_weights = True
+    return out
+
+
+def save_initial(peft_model: "nn.Module", directory: str) -> None:
+    """Save every adapter of `peft_model` as it is now, with `initial_config`s."""
+    configs = dict(peft_model.peft_config)
+    peft_model.peft_config.update({k: initial_config(c) for k, c in configs.items()})
+    try:
+        peft_model.save_pretrained(directory)
+    finally:
+        peft_model.peft_config.update(configs)
+
+
+def convert_saved(directory: str, initial_dir: str) -> None:
+    """Rewrite the adapter saved in `directory` (PiSSA/OLoRA, as trained) as plain LoRA."""
+    from ..config import PeftConfig
+
+    config = PeftConfig.from_pretrained(directory)
+    tensors = checkpoint.load_tensors(directory)
+    config, tensors = lora_from_mutated(config, tensors, checkpoint.load_tensors(initial_dir))
+    checkpoint.save_tensors(tensors, os.path.join(directory, checkpoint.WEIGHTS_NAME))
+    config.save_pretrained(directory)
+
+
+def get_peft_model_from_initial(model: "nn.Module", config: "LoraConfig",
+                                initial_dir: str) -> "nn.Module":
+    """`get_peft_model(model, config)` with the residual base rebuilt from the initial adapter
+    in `initial_dir` (W_res = W - s * B0 @ A0) instead of a new init: a PiSSA run resumes on the
+    residual it started with, also for the random `pissa_niter_N`. The adapter holds A0, B0."""
+    from ..model import get_peft_model
+
+    if not os.path.isfile(os.path.join(initial_dir, checkpoint.WEIGHTS_NAME)):
+        raise UserError(f"resuming a run with init_lora_weights={config.init_lora_weights!r} "
+                        f"needs its initial adapter in {initial_dir}; start the run again "
+                        "with --overwrite")
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        peft_model = get_peft_model(model, config)
+    finally:
+        config.init_lora_weights = init
+    peft_model.load_adapter(initial_dir, "default", is_trainable=True)
+    from .lora import LoraLinear
+
+    with torch.no_grad():
+        for layer in peft_model.modules():
+            if isinstance(layer, LoraLinear) and "default" in layer.lora_A:
+                weight = layer.base_layer.weight
+                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                w = layer.out_in(weight.to(torch.float32))
+                residual = w - layer.scaling["default"] * b.float() @ a.float()
+                weight.data = layer.out_in(residual.to(weight.dtype)).contiguous()
+    return peft_model
+
+
+def start_run(model: "nn.Module", config: Any, output_dir: str, resume: str | None,
+              main: bool) -> "nn.Module":
+    """`peftkit train`'s `get_peft_model`. For a PiSSA/OLoRA config the main process saves the
+    init in `output_dir/initial_adapter/`, and a resumed run rebuilds its residual base from it.
+    The `checkpoint-N/` folders hold the adapter as trained (config `init_lora_weights="pissa"`):
+    loading one onto the untouched base re-runs the init, exact for "pissa" and "olora" only."""
+    from ..model import get_peft_model
+
+    if not mutates_base(config):
+        return get_peft_model(model, config)
+    initial = os.path.join(output_dir, INITIAL_DIR)
+    if resume:
+        return get_peft_model_from_initial(model, config, initial)
+    peft_model = get_peft_model(model, config)
+    if main:
+        save_initial(peft_model, initial)
+    return peft_model
+
+
+def finish_run(config: Any, output_dir: str) -> None:
+    """After `peftkit train` saved its adapter in `output_dir`: convert a PiSSA/OLoRA one to
+    plain LoRA for the untouched base model."""
+    if mutates_base(config):
+        convert_saved(output_dir, os.path.join(output_dir, INITIAL_DIR))
