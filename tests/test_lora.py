@@ -211,7 +211,7 @@ def test_load_errors(tmp_path):
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"lora_dropout": -0.1}, "lora_dropout"),
         ({"bias": "some"}, "bias"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"init_lora_weights": "corda"}, "init_lora_weights"),
         ({"target_modules": [1, 2]}, "target_modules"),
         ({"modules_to_save": "lm_head"}, "modules_to_save"),
         ({"layers_to_transform": [-1]}, "layers_to_transform"),
