@@ -213,3 +213,34 @@ def test_resumed_pissa_run_matches_the_straight_run(model_dir, data, tmp_path):
         peftkit.methods.pissa.start_run(make_model("llama"), peftkit.LoraConfig(
             init_lora_weights="pissa"), str(resumed), str(resumed / "checkpoint-2"), True)
     assert os.path.isdir(resumed / "checkpoint-4")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_kbit_base_refused_by_name(init):
+    """PEFT refuses PiSSA on a 4-bit weight; peftkit refuses OLoRA there too (PEFT re-quantizes
+    the residual; initialise on the full-precision model instead)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, module=layer)
+    model = nn.Sequential()
+    model.add_module("proj", layer.to("cpu"))
+    config = peftkit.LoraConfig(r=4, target_modules=["proj"], init_lora_weights=init)
+    with pytest.raises(UserError, match="k-bit"):
+        peftkit.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_bf16_base_init_equals_peft(init, autocast):
+    """A bf16 base: SVD/QR in fp32, the residual and A, B rounded to bf16 (then A, B upcast to
+    fp32 under autocast_adapter_dtype), as PEFT does."""
+    kw = kwargs_for("llama", init)
+    ours = peftkit.get_peft_model(make_model("llama").to(torch.bfloat16), peftkit.LoraConfig(**kw),
+                                  autocast_adapter_dtype=autocast)
+    ref = peft.get_peft_model(make_model("llama").to(torch.bfloat16), peft.LoraConfig(**kw),
+                              autocast_adapter_dtype=autocast)
+    mine, theirs = ours.state_dict(), ref.state_dict()
+    for key in theirs:
+        assert mine[key].dtype == theirs[key].dtype and torch.equal(mine[key], theirs[key]), key
