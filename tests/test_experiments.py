@@ -42,6 +42,13 @@ def test_task_answers_follow_from_their_questions():
     for question, answer in tasks.examples("snake-case", 50, 3):
         words = re.split(r"[ -]", question.split(": ", 1)[1])
         assert answer == "_".join(w.lower() for w in words)
+    carries = 0
+    for question, answer in tasks.examples("shifts", 200, 3):
+        (h1, m1), (h2, m2) = [map(int, t) for t in re.findall(r"(\d+):(\d\d)", question)]
+        hours, minutes = map(int, answer.split(":"))
+        assert (hours, minutes) == divmod(60 * (h1 + h2) + m1 + m2, 60) and len(answer) <= 5
+        carries += m1 + m2 >= 60
+    assert 70 < carries < 130  # about half the rows carry
     for question, answer in tasks.examples("arithmetic", 50, 3):
         start, gain, loss = map(int, re.findall(r"\d+", question))
         assert int(answer) == start + gain - loss >= 0

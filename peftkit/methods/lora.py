@@ -404,12 +404,15 @@ class LoraSite:
     r: int
     dropout: float
     dtype: torch.dtype
+    out_features: int = 0
+    dora: bool = False  # DoRA: its magnitude scaling saves more (`planner.activations`)
 
 
 def planner_sites(model: nn.Module) -> list[LoraSite]:
     """The active LoRA branches of `model`, for the memory plan."""
     return [LoraSite(path, m.in_features, m.r[name], getattr(m.lora_dropout[name], "p", 0.0),
-                     m.lora_A[name].weight.dtype)
+                     m.lora_A[name].weight.dtype, m.out_features,
+                     name in m.lora_magnitude_vector)
             for path, m in model.named_modules() if isinstance(m, LoraLinear)
             for name in m.active_adapters]
 
