@@ -128,7 +128,7 @@ def markdown(summaries: list[dict], setup: Setup, reference_label: str | None,
         "process with its model loaded (CPU: RSS; CUDA: allocated). Training time: wall clock of "
         "`trainer.train()`. Exact match: greedy answers on the test split.",
         "Forgetting: mean per-token KL(untouched || trained), in nats, on the untouched model's "
-        "own greedy answers to general questions (`peftkit/data/general_questions.json`); "
+        "own greedy answers to general questions (`peftkit/train/general_questions.json`); "
         "0 = no drift.",
         f"Command: `{command}`",
     ]
