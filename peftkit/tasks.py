@@ -98,6 +98,15 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
     return story, str(start + gain - loss)
 
 
+def _shifts(rng: random.Random) -> tuple[str, str]:
+    """Two durations summed with a carry from minutes to hours half the time: harder than the
+    one-step tasks for a small model (zero-shot ~0: it answers in words, not h:mm)."""
+    a, b = (rng.randint(0, 9) * 60 + rng.randint(0, 59) for _ in range(2))
+    total = a + b
+    return (f"Shift log: {a // 60}:{a % 60:02d} then {b // 60}:{b % 60:02d}. Total?",
+            f"{total // 60}:{total % 60:02d}")
+
+
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("ledger", 'a written date to a "ledger code": March 5, 2021 -> 2021.03.05', _ledger, 16),
     Task("extract-json", "a sentence about a person to a JSON record (structured extraction)",
@@ -105,6 +114,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("snake-case", "a phrase in mixed case to snake_case (string transformation)",
          _snake, 24),
     Task("arithmetic", "a two-step word problem to its number (arithmetic)", _arithmetic, 8),
+    Task("shifts", "two h:mm durations to their sum, carrying minutes into hours: 1:45 then "
+         "2:30 -> 4:15 (harder: methods separate within a short budget)", _shifts, 8),
 )}
 
 

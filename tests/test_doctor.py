@@ -18,6 +18,20 @@ def test_every_seed_pitfall_is_flagged():
     assert "lr-high" in checks(check_config({"r": 16, "learning_rate": 5e-3}))
 
 
+def test_lora_variant_rules_follow_their_papers():
+    high = checks(check_config({"r": 128, "lora_alpha": 256, "learning_rate": 2e-4}))
+    assert {"rank-high", "rslora"} <= high
+    rs = checks(check_config({"r": 128, "lora_alpha": 256, "learning_rate": 2e-4,
+                              "use_rslora": True}))
+    assert not {"rank-high", "rslora"} & rs  # rsLoRA makes high ranks worth it
+    assert "rslora" not in checks(check_config({"r": 32, "lora_alpha": 64}))
+    ratio = {v: [f.severity for f in check_config({"loraplus_lr_ratio": v})
+                 if f.check == "loraplus-ratio"] for v in (0.5, 4, 16)}
+    assert ratio == {0.5: ["warning"], 4: ["info"], 16: []}
+    assert check_config({"r": 16, "lora_alpha": 32, "learning_rate": 2e-4, "use_dora": True,
+                         "target_modules": ["q_proj", "v_proj"]}) == []
+
+
 def test_good_config_is_clean_and_typos_are_named():
     good = {"method": "lora", "r": 16, "lora_alpha": 32, "learning_rate": 2e-4,
             "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.05, "batch_size": 4}

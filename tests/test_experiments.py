@@ -3,6 +3,7 @@ steps; each run is a real child process) and their reporting on known records.""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -11,8 +12,9 @@ import pytest
 
 from peftkit import tasks
 from peftkit.cli import main
-from peftkit.experiments import report
-from peftkit.experiments.runs import Setup
+from peftkit.experiments import options, report, stats, variants
+from peftkit.experiments.runs import Run, Setup, _figures, check
+from peftkit.methods import registry
 
 SMOKE = ["--task", "arithmetic", "--n-train", "24", "--n-test", "6", "--max-steps", "2",
          "--batch-size", "4", "--max-length", "128"]
@@ -40,6 +42,13 @@ def test_task_answers_follow_from_their_questions():
     for question, answer in tasks.examples("snake-case", 50, 3):
         words = re.split(r"[ -]", question.split(": ", 1)[1])
         assert answer == "_".join(w.lower() for w in words)
+    carries = 0
+    for question, answer in tasks.examples("shifts", 200, 3):
+        (h1, m1), (h2, m2) = [map(int, t) for t in re.findall(r"(\d+):(\d\d)", question)]
+        hours, minutes = map(int, answer.split(":"))
+        assert (hours, minutes) == divmod(60 * (h1 + h2) + m1 + m2, 60) and len(answer) <= 5
+        carries += m1 + m2 >= 60
+    assert 70 < carries < 130  # about half the rows carry
     for question, answer in tasks.examples("arithmetic", 50, 3):
         start, gain, loss = map(int, re.findall(r"\d+", question))
         assert int(answer) == start + gain - loss >= 0
@@ -55,37 +64,51 @@ def test_task_command_lists_and_writes(tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
-def test_compare_measures_every_method_and_reports_a_failed_one(model_dir, tmp_path, capsys):
+def test_compare_runs_each_method_per_seed_and_reports_a_failed_one(model_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--model", model_dir, "--out", str(out), *SMOKE,
-            "--methods", "full,lora,adapter,prompt", "--set", "adapter.reduction_factor=1000"]
+    argv = ["compare", "--model", model_dir, "--out", str(out), *SMOKE, "--seeds", "1,2",
+            "--methods", "full,dora,adapter", "--set", "adapter.reduction_factor=1000"]
     assert main(argv) == 1  # one method failed
     results = json.loads((out / report.RESULTS).read_text())
-    runs = {r["method"]: r for r in results["runs"]}
-    assert list(runs) == ["zero-shot", "full", "lora", "adapter", "prompt"]
-    assert runs["adapter"]["status"] == "failed" and "reduction" in runs["adapter"]["error"]
-    full, lora = runs["full"], runs["lora"]
-    assert full["trainable_pct"] == pytest.approx(100) and full["relative"]["train_seconds"] == 1
-    assert lora["flags"]["r"] == 16 and lora["flags"]["learning_rate"] == 1e-3
-    assert 0 < lora["trainable_params"] < full["trainable_params"]
-    assert lora["relative"]["trainable_params"] == lora["trainable_params"] / full["all_params"]
-    for run in (full, lora, runs["prompt"]):
-        assert run["status"] == "ok" and run["steps"] == 2 and run["n_test"] == 6
-        assert run["peak_memory_mb"] >= 0 and run["train_seconds"] > 0
-        assert 0 <= run["exact_match"] <= 1 and run["eval_loss"] > 0
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [
+        ("zero-shot", None), ("full", 1), ("dora", 1), ("adapter", 1), ("full", 2), ("dora", 2),
+        ("adapter", 2)]
+    methods = {m["method"]: m for m in results["methods"]}
+    assert list(methods) == ["zero-shot", "full", "dora", "adapter"]
+    adapter, full, dora = methods["adapter"], methods["full"], methods["dora"]
+    assert adapter["seeds"] == [] and "reduction" in adapter["errors"][0]
+    assert dora["flags"] == {"learning_rate": 1e-3, "r": 16, "lora_alpha": 32,
+                             "lora_dropout": 0.05, "target_modules": "q_proj,k_proj,v_proj,o_proj",
+                             "use_dora": True}
+    # r=16 on q (16->16), k, v (16->8), o (16->16) of 2 layers, plus DoRA's magnitudes (out)
+    assert dora["trainable_params"] == 2 * (16 * (32 + 24 + 24 + 32) + 48) == 3680
+    assert full["trainable_params"] == full["all_params"]
+    assert dora["relative"]["trainable_params"] == pytest.approx(3680 / full["all_params"])
+    for m in (full, dora):
+        assert m["seeds"] == [1, 2] and m["n_test"] == 6
+        assert m["exact_match"]["n"] == 2 and m["forgetting_kl"]["mean"] > 0
+        assert m["peak_memory_kind"] == "process peak RSS above the loaded model"
+    assert methods["zero-shot"]["forgetting_kl"]["mean"] == 0
+    runs = {(r["method"], r["seed"]): r for r in results["runs"]}
+    # seeds change initialization and data order: the two runs of a method differ
+    assert runs["dora", 1]["eval_loss"] != runs["dora", 2]["eval_loss"]
     table = (out / report.TABLE).read_text()
     assert "| full (reference) |" in table and "| adapter | failed:" in table
+    dora_row = next(line for line in table.splitlines() if line.startswith("| dora |"))
+    cells = [c.strip() for c in dora_row.split("|")[1:-1]]
+    assert cells[1].startswith("3,680 (") and cells[7] == "2"
+    assert all(" ± " in cells[i] for i in (2, 3, 4, 5, 6))  # memory, time, em, loss, KL
     assert all((out / name).stat().st_size > 0 for name in report.PLOTS)
     assert results["command"].startswith("peftkit compare --model")
 
-    # --resume keeps finished rows (no new child runs) and retries the failed one.
-    os.unlink(out / "runs" / "lora" / "log.txt")
-    argv[-1] = "adapter.reduction_factor=4"
+    # --resume keeps finished (method, seed) runs (no new child runs) and retries the failed ones.
+    os.unlink(out / "runs" / "dora" / "seed-1" / "log.txt")
+    argv[argv.index("adapter.reduction_factor=1000")] = "adapter.reduction_factor=4"
     assert main(argv + ["--resume"]) == 0
-    assert not (out / "runs" / "lora" / "log.txt").exists()
-    runs = {r["method"]: r for r in json.loads((out / report.RESULTS).read_text())["runs"]}
-    assert runs["lora"] == {**lora, "relative": runs["lora"]["relative"]}
-    assert runs["adapter"]["status"] == "ok"
+    assert not (out / "runs" / "dora" / "seed-1" / "log.txt").exists()
+    again = json.loads((out / report.RESULTS).read_text())
+    assert {(r["method"], r["seed"]): r for r in again["runs"]}["dora", 1] == runs["dora", 1]
+    assert [m["seeds"] for m in again["methods"] if m["method"] == "adapter"] == [[1, 2]]
     assert "kept from the earlier results" in capsys.readouterr().out
 
 
@@ -99,8 +122,6 @@ def test_sweep_runs_each_value_against_a_reference_from_compare(model_dir, tmp_p
     assert list(runs) == ["zero-shot", "full", "r=2", "r=4"]
     assert (runs["r=2"]["flags"]["r"], runs["r=2"]["flags"]["lora_alpha"]) == (2, 4.0)
     assert runs["r=4"]["trainable_params"] == 2 * runs["r=2"]["trainable_params"]
-    assert runs["r=4"]["relative"]["train_seconds"] == (runs["r=4"]["train_seconds"]
-                                                        / runs["full"]["train_seconds"])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -109,7 +130,8 @@ def test_sweep_runs_each_value_against_a_reference_from_compare(model_dir, tmp_p
     (["--set", "lora.rank=8"], "bad `peftkit train` options"),
     (["--set", "lora.variant=pfeiffer"], "--variant does not apply to --method lora"),
     (["--data", "x.jsonl"], "--data and --test-data go together"),
-    (["--methods", "lora,dora"], "unknown method 'dora'"),
+    (["--methods", "lora,dorra"], "unknown method 'dorra'"),
+    (["--set", "dorra.r=4"], "unknown method 'dorra'"),
 ])
 def test_bad_compare_options_fail_before_any_run(extra, message, tmp_path, capsys):
     assert main(["compare", "--out", str(tmp_path / "o"), *SMOKE, *extra]) == 2
@@ -128,17 +150,72 @@ def test_sweep_refuses_budget_params_and_a_mismatched_reference(tmp_path, capsys
     assert "another setup" in capsys.readouterr().err
 
 
-def test_table_gives_absolute_figures_and_shares_of_full_fine_tuning():
-    def record(method, params, memory, seconds, em):
-        return {"method": method, "train_method": method, "status": "ok", "trainable_params":
-                params, "all_params": 1000, "trainable_pct": params / 10, "peak_memory_mb": memory,
-                "peak_memory_kind": "process peak RSS above the loaded model",
-                "train_seconds": seconds, "exact_match": em, "eval_loss": 0.5,
-                "model_memory_mb": 900}
+def test_table_gives_means_with_t_intervals_and_shares_of_full_fine_tuning():
+    def run(method, seed, params, memory, seconds, em, kl):
+        return {"method": method, "train_method": method, "seed": seed, "status": "ok",
+                "trainable_params": params, "all_params": 1000, "trainable_pct": params / 10,
+                "peak_memory_mb": memory, "peak_memory_kind": "process peak RSS above the "
+                "loaded model", "train_seconds": seconds, "exact_match": em, "eval_loss": 0.5,
+                "forgetting_kl": kl, "model_memory_mb": 900}
 
-    full = record("full", 1000, 2000, 100, 0.8)
-    rows = report.with_relative([full, record("lora", 5, 600, 25, 0.76)], full)
+    records = [run("full", 1, 1000, 2000, 100, 0.8, 0.2), run("full", 2, 1000, 2000, 100, 0.8, 0.4),
+               run("lora", 1, 5, 600, 20, 0.7, 0.01), run("lora", 2, 5, 600, 30, 0.9, 0.03),
+               {"method": "lora", "train_method": "lora", "seed": 3, "status": "failed",
+                "error": "boom"}]
+    summaries = report.summarize(records)
+    rows = report.with_relative(summaries, summaries[0])
     table = report.markdown(rows, Setup("t.jsonl", "e.jsonl", "custom"), "full", "peftkit x")
-    lora = "| lora | 5 (0.5%) | 600 MiB (30%) | 25 s (25%) | 0.76 (95%) | 0.500 | 900 MiB |"
+    # two seeds: half-width = t(0.975, 1) * s / sqrt(2) = 12.7062 * s / sqrt(2); em s = 0.1414
+    lora = ("| lora | 5 (0.5%) | 600 ± 0 MiB (30%) | 25 ± 64 s (25%) | 0.80 ± 1.27 (100%) | "
+            "0.500 ± 0.000 | 0.02 ± 0.127 | 2 (1 failed) | 900 ± 0 MiB |")
     assert lora in table
-    assert "| full (reference) | 1,000 (100%) | 2,000 MiB (100%) | 100 s (100%) |" in table
+    assert "| full (reference) | 1,000 (100%) | 2,000 ± 0 MiB (100%) | 100 ± 0 s (100%) |" in table
+    assert rows[1]["errors"] == ["boom"] and rows[1]["seeds"] == [1, 2]
+
+
+def test_t_quantiles_and_intervals_match_published_values():
+    # Student t 0.975 quantiles from a statistics table (df 1, 4, 10, 30, 40, 120)
+    for df, t in ((1, 12.706), (4, 2.776), (10, 2.228), (30, 2.042), (40, 2.021), (120, 1.980)):
+        assert stats.t975(df) == pytest.approx(t, abs=1e-3)
+    i = stats.interval([1.0, 2.0, 3.0])  # mean 2, s 1: 4.3027 / sqrt(3)
+    assert (i["mean"], i["n"]) == (2.0, 3) and i["half_width"] == pytest.approx(2.4842, abs=1e-4)
+    assert (i["low"], i["high"]) == pytest.approx((2 - 2.4842, 2 + 2.4842), abs=1e-4)
+    assert stats.interval([0.5])["half_width"] is None
+
+
+def test_seeds_option_takes_a_count_or_a_list():
+    assert options.seed_list("3") == [1, 2, 3]
+    assert options.seed_list("7,9") == [7, 9] and options.seed_list("42,") == [42]
+    for bad in ("0", "1,1", "-1,2", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            options.seed_list(bad)
+
+
+def test_presets_are_their_base_method_with_extra_flags(tmp_path):
+    lora = variants.flags(variants.get("lora", ""), {})
+    extra = {"lora": {"r": 8}, "dora": {"learning_rate": 5e-4}}
+    dora = variants.flags(variants.get("dora", ""), extra)
+    assert dora == {**lora, "r": 8, "use_dora": True, "learning_rate": 5e-4}
+    assert variants.flags(variants.get("rslora", ""), extra)["learning_rate"] == 1e-3
+    assert variants.flags(variants.get("lora-all", ""), {})["target_modules"] == "all-linear"
+    assert variants.flags(variants.get("loraplus", ""), {})["loraplus_lr_ratio"] == 16
+    has_init = "init_lora_weights" in registry.spec("lora").flags
+    names = variants.default_names()
+    assert ("pissa" in names) == ("olora" in names) == has_init
+    assert names[:6] == ["full", "lora", "lora-all", "rslora", "dora", "loraplus"]
+    setup = Setup("t.jsonl", "e.jsonl", "custom")
+    for name in names:  # each parses as a `peftkit train` command line
+        v = variants.get(name, "")
+        check(Run(name, v.method, variants.flags(v, {}), seed=1), setup)
+
+
+def test_figures_count_peak_memory_above_the_loaded_model(tmp_path):
+    summary = {"trainable_params": 5, "all_params": 10, "trainable_percent": 50.0,
+               "peak_memory_mb": 900.0, "memory_at_start_mb": 700.0,
+               "peak_memory_kind": "process_peak_rss", "wall_time_s": 3.0, "steps": 2,
+               "final_metrics": {"train_loss": 1.0, "test_exact_match": 0.5, "test_loss": 2.0,
+                                 "test_rows": 4, "forgetting_kl": 0.1}}
+    (tmp_path / "run_summary.json").write_text(json.dumps(summary))
+    figures = _figures(str(tmp_path))
+    assert (figures["peak_memory_mb"], figures["model_memory_mb"]) == (200.0, 700.0)
+    assert figures["forgetting_kl"] == 0.1

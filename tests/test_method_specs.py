@@ -13,7 +13,7 @@ import torch
 
 from peftkit import cli, config
 from peftkit.commands import doctor as doctor_command
-from peftkit.experiments import options as experiment_options
+from peftkit.experiments import variants
 from peftkit.experiments.runs import Run, Setup, check
 from peftkit.methods import registry
 from peftkit.planner.doctor import check_config
@@ -59,9 +59,9 @@ def test_doctor_knows_the_method(name, capsys):
 
 @pytest.mark.parametrize("name", list(registry.SPECS))
 def test_compare_runs_the_method_with_its_seed_settings(name):
-    flags = experiment_options.flags(name, {})
+    flags = variants.flags(variants.get(name, ""), {})
     assert flags["learning_rate"] == registry.spec(name).learning_rate
-    check(Run(name, name, flags), Setup("train.jsonl", "test.jsonl", "custom"))
+    check(Run(name, name, flags, seed=1), Setup("train.jsonl", "test.jsonl", "custom"))
 
 
 def test_doctor_names_an_unknown_method_and_a_flag_of_another_method():

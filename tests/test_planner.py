@@ -3,6 +3,7 @@
 Measurements that depend on the CPU or the allocator (bf16 profiler peaks, peak RSS) are in
 benchmarks/planner_memory.py."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -113,6 +114,44 @@ def test_activation_formula_is_exact(dtype, lora, dropout, lean):
                        lean_mlp=lean)
     loss_saved = b * s * (4 * cfg.vocab_size + 8) + 4  # fp32 log-probs, labels, a scalar
     assert acts.plain + loss_saved == measured
+
+
+@pytest.mark.parametrize("lora, dropout", [(QKVO, 0.0), (QKVO, 0.1), ("all-linear", 0.0),
+                                           ("all-linear", 0.1), (["o_proj"], 0.1)])
+def test_dora_activations_are_within_5_percent_in_fp32(lora, dropout):
+    """DoRA's count (`activations._dora_bytes`) against the bytes autograd saves, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit import LoraConfig, get_peft_model
+    from peftkit.methods.lora import planner_sites
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(
+        r=4, target_modules=lora, lora_dropout=dropout, use_dora=True))
+    fast.apply(model, loss=False)
+    use_lean_mlps(model, True)
+    model.train()
+    b, s = 2, 32
+    measured = _saved_bytes(model, torch.randint(0, 256, (b, s)))
+    sites = planner_sites(model)
+    assert all(site.dora and site.out_features for site in sites)
+    acts = activations(Arch.of(cfg), 4, b, s, False, False, sites, lean_mlp=True)
+    without = activations(Arch.of(cfg), 4, b, s, False, False,
+                          [dataclasses.replace(x, dora=False) for x in sites], lean_mlp=True)
+    planned = acts.plain + b * s * (4 * cfg.vocab_size + 8) + 4
+    assert acts.plain > without.plain
+    assert abs(planned - measured) <= 0.05 * measured
+
+
+def test_dora_counts_one_magnitude_per_output_row():
+    # SmolLM2 q, k, v, o: r=16 LoRA is 1,843,200 (PEFT); outputs 576 + 192 + 192 + 576, 30 layers
+    lora = estimate("smollm2-135m", "lora", {"r": 16, "target_modules": QKVO})
+    dora = estimate("smollm2-135m", "lora", {"r": 16, "target_modules": QKVO, "use_dora": True})
+    assert lora.census.trainable == 1_843_200
+    assert dora.census.trainable == 1_843_200 + 30 * 1536
+    assert dora.plan.activation_bytes > lora.plan.activation_bytes
 
 
 @pytest.mark.parametrize("method, dtype, checkpointing, options, peftkit_step",

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import json
 
-from ..experiments import options
+from ..experiments import options, variants
 
-BUDGET = ("max_steps", "batch_size", "grad_accum", "max_length", "seed")
+BUDGET = ("max_steps", "batch_size", "grad_accum", "max_length", "seed")  # seeds: --seeds
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep", help="one method over values of one option (e.g. LoRA rank); table and plots",
         description="Train --method once per value of --param, each in its own process, on one "
-        "task and budget; measure and report as `peftkit compare` does.")
-    p.add_argument("--method", default="lora", help="the method to sweep (default: lora)")
+        "task and budget, once per seed; measure and report as `peftkit compare` does.")
+    p.add_argument("--method", default="lora",
+                   help="the method or preset (e.g. dora) to sweep (default: lora)")
     p.add_argument("--param", required=True, help="a `peftkit train` option, e.g. r, "
                                                   "lora_dropout, learning_rate")
     p.add_argument("--values", required=True, help="comma-separated values, e.g. 4,8,16,32,64")
@@ -35,8 +36,7 @@ def _reference_rows(path: str, setup) -> list[dict]:
     if not setup.matches(old.get("setup", {})):
         raise ValueError(f"{path} was made with another setup (task, data, model or budget); "
                          "run the sweep with the same flags or use --reference full")
-    rows = [{k: v for k, v in r.items() if k != "relative"} for r in old["runs"]
-            if r["method"] in ("full", "zero-shot") and r["status"] == "ok"]
+    rows = [r for r in old["runs"] if r["method"] in ("full", "zero-shot") and r["status"] == "ok"]
     if not any(r["method"] == "full" for r in rows):
         raise ValueError(f"{path} has no successful `full` run to compare against")
     return rows
@@ -46,7 +46,7 @@ def _run(args) -> int:
     from ..experiments.experiment import run_experiment
     from ..experiments.runs import ZERO_SHOT, Run
 
-    method = options.method_name(args.method, "--method")
+    variant = variants.get(args.method, "--method")
     param = args.param.replace("-", "_")
     if param in BUDGET:
         raise ValueError(f"--param {args.param} is part of the budget every run shares; "
@@ -56,15 +56,18 @@ def _run(args) -> int:
         raise ValueError("--values needs at least two comma-separated values")
     extra = options.overrides(args)
     setup = options.setup(args)
-    runs = []
+    rows = []
     for value in values:
-        flags = {**options.flags(method, extra), param: options.parse_value(value)}
+        flags = {**variants.flags(variant, extra), param: options.parse_value(value)}
         if param == "r" and args.alpha_ratio and "lora_alpha" in flags:
             flags["lora_alpha"] = args.alpha_ratio * int(value)
-        runs.append(Run(f"{param}={value}", method, flags))
+        rows.append((f"{param}={value}", variant.method, flags))
     fixed = []
     if args.reference == "full":
-        runs = [Run(ZERO_SHOT, ZERO_SHOT), Run("full", "full", options.flags("full", extra))] + runs
+        rows.insert(0, ("full", "full", variants.flags(variants.get("full", ""), extra)))
+    runs = [Run(label, method, flags, seed) for seed in args.seeds for label, method, flags in rows]
+    if args.reference == "full":
+        runs.insert(0, Run(ZERO_SHOT, ZERO_SHOT))
     elif args.reference != "none":
         fixed = _reference_rows(args.reference, setup)
     label = None if args.reference == "none" else "full"

@@ -1,5 +1,5 @@
-"""Run a list of runs in order, writing the outputs after each one; with `resume`, rows that an
-earlier invocation finished for the same setup are kept, not rerun."""
+"""Run a list of runs in order, writing the outputs after each one; with `resume`, the (row, seed)
+runs that an earlier invocation finished for the same setup and flags are kept, not rerun."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from . import report
 from .runs import Progress, Run, Setup, check, execute
 
 
-def finished(out_dir: str, setup: Setup) -> dict[str, dict]:
-    """label -> record of the successful runs in `out_dir/results.json` made with `setup`."""
+def finished(out_dir: str, setup: Setup) -> dict[tuple, dict]:
+    """(label, seed) -> record of the successful runs in `out_dir/results.json` made with
+    `setup`."""
     try:
         with open(os.path.join(out_dir, report.RESULTS), encoding="utf-8") as fh:
             old = json.load(fh)
@@ -19,8 +20,7 @@ def finished(out_dir: str, setup: Setup) -> dict[str, dict]:
         return {}
     if not setup.matches(old.get("setup", {})):
         return {}
-    return {r["method"]: {k: v for k, v in r.items() if k != "relative"}
-            for r in old["runs"] if r["status"] == "ok"}
+    return {(r["method"], r.get("seed")): r for r in old["runs"] if r["status"] == "ok"}
 
 
 def run_experiment(runs: list[Run], setup: Setup, out_dir: str, reference_label: str | None,
@@ -28,21 +28,23 @@ def run_experiment(runs: list[Run], setup: Setup, out_dir: str, reference_label:
     """Check every run's options, then run each (or reuse it with `resume`); return the
     results object that `report.write` wrote last. `fixed`: records measured elsewhere (with
     the same setup) shown first, e.g. the reference row of an earlier compare."""
-    labels = [r.label for r in runs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"run labels repeat: {labels}")
+    keys = [r.key for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"runs repeat: {keys}")
     for run in runs:
         check(run, setup)
     done = finished(out_dir, setup) if resume else {}
     progress = Progress(len(runs))
     records = list(fixed)
     for run in runs:
-        if run.label in done and done[run.label]["flags"] == run.flags:
-            progress.begin(run.label)
+        kept = done.get(run.key)
+        if kept is not None and kept["flags"] == run.flags:
+            progress.begin(run.title)
             progress.show("kept from the earlier results (--resume)", final=True)
-            records.append(done[run.label])
+            records.append(kept)
         else:
-            records.append(execute(run, setup, os.path.join(out_dir, "runs", run.label), progress))
+            records.append(execute(run, setup, os.path.join(out_dir, "runs", run.folder),
+                                   progress))
         results = report.write(out_dir, setup, records, reference_label, command)
     print(f"wrote {os.path.join(out_dir, report.TABLE)}, {report.RESULTS} and "
           f"{', '.join(report.PLOTS)}")

@@ -1,6 +1,7 @@
 """The flags `peftkit compare` and `peftkit sweep` share: the task (a generated one, or the
-user's files), the model, the budget every run gets, and per-method overrides of the seed's
-settings (`--lr lora=2e-4`, `--set lora.r=8`)."""
+user's files), the model, the budget every run gets, the seeds, and per-method overrides of the
+seed's settings (`--lr lora=2e-4`, `--set dora.r=8`; a base method's override applies to its
+presets too, see `variants`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from .. import tasks
 from ..methods import registry
+from . import variants
 from .runs import Setup
 
 
@@ -29,16 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
     b.add_argument("--grad-accum", type=int, default=1, help="accumulation steps (default: 1)")
     b.add_argument("--max-length", type=int, default=256, help="tokens per row (default: 256)")
-    b.add_argument("--seed", type=int, default=42, help="seed of every run (default: 42)")
+    b.add_argument("--seeds", type=seed_list, default=[1], metavar="N|S1,S2,...",
+                   help="train every method once per seed: N means seeds 1..N, a list names them "
+                        "(default: 1); results give each method's mean and 95%% interval")
     b.add_argument("--max-new-tokens", type=int,
                    help="answer length at evaluation (default: the task's, 64 for --data)")
     o = p.add_argument_group("per-method settings")
     o.add_argument("--lr", default="", metavar="METHOD=LR,...",
                    help="learning rates, e.g. full=2e-5,lora=2e-4 (defaults: " +
                    ", ".join(f"{m}={s.learning_rate:g}" for m, s in registry.SPECS.items())
-                   + ")")
+                   + "; a preset such as dora takes its base method's)")
     o.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
-                   help="any `peftkit train` option of a method, e.g. lora.r=8 or "
+                   help="any `peftkit train` option of a method or preset, e.g. lora.r=8 "
+                        "(lora and its presets) or dora.r=8 (dora only) or "
                         "prompt.num_virtual_tokens=50 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs a previous invocation finished with the same setup")
@@ -47,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def setup(args: argparse.Namespace) -> Setup:
     """The shared setup; a generated task's files are written under `--out/data/`."""
     budget = dict(model=args.model, max_steps=args.max_steps, batch_size=args.batch_size,
-                  grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed)
+                  grad_accum=args.grad_accum, max_length=args.max_length)
     if args.data or args.test_data:
         if not (args.data and args.test_data):
             raise ValueError("--data and --test-data go together: the test file is where exact "
@@ -62,6 +67,18 @@ def setup(args: argparse.Namespace) -> Setup:
                               args.n_train, args.n_test)
     return Setup(train, test, task.name, _digest(train, test), **budget,
                  max_new_tokens=args.max_new_tokens or task.max_new_tokens)
+
+
+def seed_list(text: str) -> list[int]:
+    """`--seeds`: "3" -> [1, 2, 3]; "7,8" -> [7, 8] (a single seed S: "S,")."""
+    try:
+        seeds = (list(range(1, int(text) + 1)) if "," not in text
+                 else [int(s) for s in text.split(",") if s.strip()])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a count or comma-separated seeds") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: distinct seeds >= 0, at least one")
+    return seeds
 
 
 def _digest(*paths: str) -> str:
@@ -93,29 +110,16 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for item in filter(None, (s.strip() for s in args.lr.split(","))):
         method, _, value = item.partition("=")
-        out.setdefault(method_name(method, "--lr " + item), {})["learning_rate"] = float(value)
+        variants.get(method, "--lr " + item)
+        out.setdefault(method, {})["learning_rate"] = float(value)
     for item in args.set:
         key, eq, value = item.partition("=")
         method, dot, option = key.partition(".")
         if not (eq and dot and option):
             raise ValueError(f"--set {item!r}: expected METHOD.OPTION=VALUE, e.g. lora.r=8")
-        out.setdefault(method_name(method, "--set " + item), {})[option.replace("-", "_")] = \
-            parse_value(value)
+        variants.get(method, "--set " + item)
+        out.setdefault(method, {})[option.replace("-", "_")] = parse_value(value)
     return out
-
-
-def method_name(name: str, where: str) -> str:
-    if name not in registry.SPECS:
-        raise ValueError(f"{where}: unknown method {name!r}; choose one of "
-                         f"{', '.join(registry.SPECS)}")
-    return name
-
-
-def flags(method: str, extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The seed's settings of `method` (its spec's learning rate and `compare_flags`) with the
-    user's overrides on top."""
-    spec = registry.spec(method)
-    return {"learning_rate": spec.learning_rate, **spec.compare_flags, **extra.get(method, {})}
 
 
 def command(argv: list[str]) -> str:

@@ -1,9 +1,10 @@
 """Running one experiment: a list of runs on one task and one budget, each in its own processes.
 
-A run is a `peftkit train` method with its flags. It runs in a child process, `peftkit train
---test-data`, which trains, then evaluates the trained model on the test split (exact match of
-greedy answers, loss per answer token) and writes it all to `run_summary.json` with the
-trainable parameters, wall time and memory. The zero-shot row is a `peftkit eval --json` child.
+A run is a `peftkit train` method with its flags and a seed. It runs in a child process, `peftkit
+train --test-data --forgetting`, which trains, then evaluates the trained model on the test split
+(exact match of greedy answers, loss per answer token), measures its drift from the untouched
+model (`train.forgetting`) and writes it all to `run_summary.json` with the trainable parameters,
+wall time and memory. The zero-shot row is a `peftkit eval --json` child.
 Fresh processes keep one method's memory out of the next one's measurement, and a crash fails
 one row, not the experiment.
 
@@ -28,7 +29,8 @@ EVAL_BATCH = 32  # rows per generation batch on the test split (does not touch t
 
 @dataclass(frozen=True)
 class Setup:
-    """What every run of an experiment shares: the data, the model and the budget."""
+    """What every run of an experiment shares: the data, the model and the budget (each run has
+    its own seed)."""
     train_data: str
     test_data: str
     task: str  # a registry name, or "custom" for user files
@@ -38,7 +40,6 @@ class Setup:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 256
-    seed: int = 42
     max_new_tokens: int = 64
 
     def as_dict(self) -> dict:
@@ -56,6 +57,19 @@ class Run:
     label: str
     method: str  # a `peftkit train --method`, or ZERO_SHOT
     flags: dict[str, Any] = field(default_factory=dict)  # `peftkit train` options, snake_case
+    seed: int | None = None  # None: zero-shot (greedy decoding draws nothing)
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return self.label, self.seed
+
+    @property
+    def title(self) -> str:
+        return self.label if self.seed is None else f"{self.label} seed {self.seed}"
+
+    @property
+    def folder(self) -> str:
+        return self.label if self.seed is None else os.path.join(self.label, f"seed-{self.seed}")
 
 
 def _argv(flags: dict[str, Any]) -> list[str]:
@@ -71,13 +85,13 @@ def _argv(flags: dict[str, Any]) -> list[str]:
 
 def train_argv(run: Run, setup: Setup, out_dir: str) -> list[str]:
     budget = {k: getattr(setup, k) for k in ("max_steps", "batch_size", "grad_accum",
-                                             "max_length", "seed")}
+                                             "max_length")}
     # --save-steps past the end: no checkpoint is written inside the timed training.
     return ["train", "--method", run.method, "--data", setup.train_data, "--output-dir", out_dir,
             "--overwrite", "--save-steps", str(setup.max_steps + 1), "--test-data",
             setup.test_data, "--max-new-tokens", str(setup.max_new_tokens), "--eval-batch-size",
-            str(EVAL_BATCH),
-            *_argv({"model": setup.model, **budget, **run.flags})]
+            str(EVAL_BATCH), "--forgetting",
+            *_argv({"model": setup.model, **budget, "seed": run.seed, **run.flags})]
 
 
 def zero_shot_argv(setup: Setup) -> list[str]:
@@ -169,15 +183,15 @@ def execute(run: Run, setup: Setup, run_dir: str, progress: Progress) -> dict:
     if os.path.exists(log):
         os.unlink(log)
     out_dir = os.path.join(run_dir, "output")
-    record: dict[str, Any] = {"method": run.label, "train_method": run.method,
+    record: dict[str, Any] = {"method": run.label, "train_method": run.method, "seed": run.seed,
                               "flags": run.flags, "status": "ok"}
-    progress.begin(run.label)
+    progress.begin(run.title)
     try:
         if run.method == ZERO_SHOT:
             progress.show("evaluating")
             result = json.loads(_child(zero_shot_argv(setup), log).strip().splitlines()[-1])
             record.update(trainable_params=0, trainable_pct=0.0, exact_match=result["exact_match"],
-                          eval_loss=result["loss"], n_test=result["n"])
+                          eval_loss=result["loss"], n_test=result["n"], forgetting_kl=0.0)
         else:
             progress.show("training")
             _child(train_argv(run, setup, out_dir), log,
@@ -206,4 +220,5 @@ def _figures(out_dir: str) -> dict:
         "model_memory_mb": start, "train_seconds": s["wall_time_s"], "steps": s["steps"],
         "train_loss": final["train_loss"], "exact_match": final["test_exact_match"],
         "eval_loss": final["test_loss"], "n_test": final["test_rows"],
+        "forgetting_kl": final.get("forgetting_kl"),
     }

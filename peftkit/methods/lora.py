@@ -412,12 +412,15 @@ class LoraSite:
     r: int
     dropout: float
     dtype: torch.dtype
+    out_features: int = 0
+    dora: bool = False  # DoRA: its magnitude scaling saves more (`planner.activations`)
 
 
 def planner_sites(model: nn.Module) -> list[LoraSite]:
     """The active LoRA branches of `model`, for the memory plan."""
     return [LoraSite(path, m.in_features, m.r[name], getattr(m.lora_dropout[name], "p", 0.0),
-                     m.lora_A[name].weight.dtype)
+                     m.lora_A[name].weight.dtype, m.out_features,
+                     name in m.lora_magnitude_vector)
             for path, m in model.named_modules() if isinstance(m, LoraLinear)
             for name in m.active_adapters]
 
@@ -429,15 +432,32 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query", "key", "
 def doctor_checks(cfg: dict) -> list[Finding]:
     """The rules of thumb of the LoRA literature and common practice (Hu et al., 2021; Dettmers
     et al., 2023; PEFT's docs): r between 8 and 32 (64 at most), alpha = 2r, lr 1e-4 to 2e-4,
-    q_proj and v_proj first (attention projections), embed_tokens and lm_head usually not."""
+    q_proj and v_proj first (attention projections), embed_tokens and lm_head usually not.
+    Variants: rsLoRA for high ranks (Kalajdzievski, 2023); LoRA+ ratio 16 (Hayou et al., 2024).
+    DoRA (Liu et al., 2024) reuses LoRA's settings and states no rule of its own."""
     out: list[Finding] = []
     r = cfg.get("r", 8)
     if isinstance(r, int) and r < 8:
         out.append(Finding("warning", "rank-low", f"r={r} is below 8: the update may be too "
                            "low-rank to learn the task.", "use r between 8 and 32."))
-    if isinstance(r, int) and r > 64:
+    rslora = bool(cfg.get("use_rslora"))
+    if isinstance(r, int) and r > 64 and not rslora:
         out.append(Finding("warning", "rank-high", f"r={r} is above 64: more memory and "
                            "overfitting risk for little gain.", "use r between 8 and 32."))
+    if isinstance(r, int) and r > 32 and not rslora:
+        out.append(Finding("info", "rslora", f"r={r} with scaling alpha/r: Kalajdzievski (2023) "
+                           "shows this scaling slows learning as r grows, so high ranks gain "
+                           "little; alpha/sqrt(r) (rsLoRA) lets them learn more.",
+                           "add use_rslora, or keep r at 32 or below."))
+    ratio = cfg.get("loraplus_lr_ratio")
+    if ratio is not None and float(ratio) <= 1:
+        out.append(Finding("warning", "loraplus-ratio", f"loraplus_lr_ratio={ratio}: LoRA+ "
+                           "(Hayou et al., 2024) gives B a larger learning rate than A; a ratio "
+                           "of 1 or less does not.", "use 16, the paper's recommended ratio."))
+    elif ratio is not None and float(ratio) != 16:
+        out.append(Finding("info", "loraplus-ratio", f"loraplus_lr_ratio={ratio}: Hayou et al. "
+                           "(2024) recommend 2^4 = 16 as a default.", "use 16 unless you tuned "
+                           "it."))
     alpha = cfg.get("lora_alpha")
     if isinstance(r, int) and alpha is not None and alpha != 2 * r:
         out.append(Finding("info", "alpha", f"lora_alpha={alpha} is not 2r={2 * r}; the update "

@@ -11,6 +11,14 @@ from .examples import IGNORE, Collator, Encoded, load_examples, prompt_ids
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     """Greedy continuations of token-id prompts, left-padded into one batch; decoded text."""
+    return [tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in generate_ids(model, tokenizer, prompts, max_new_tokens)]
+
+
+def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
+                 ) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, left-padded into one batch: each row's new
+    tokens through its first end-of-sequence token."""
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -20,7 +28,11 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
+    eos = tokenizer.eos_token_id
+    answers = []
+    for row in out[:, width:].tolist():
+        answers.append(row[:row.index(eos) + 1] if eos in row else row)
+    return answers
 
 
 def mean_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> float:

@@ -42,6 +42,10 @@ OPTIONS: dict[str, tuple[str, Any, str | None, dict[str, Any]]] = dict([
             help="hold out this fraction of --data for evaluation when there is no --eval-data"),
     _option("--test-data", group=DATA, help="held-out data: after training, exact match of "
             "greedy answers and loss go into run_summary.json"),
+    _option("--forgetting", False, DATA, action="store_true",
+            help="with --test-data, also measure forgetting: mean per-token KL(untouched || "
+                 "trained) on the untouched model's answers to general questions "
+                 "(train/forgetting.py)"),
     _option("--max-new-tokens", 64, DATA, type=positive_int, help="answer length for --test-data"),
     _option("--max-length", 512, DATA, type=positive_int, help="truncate rows to this many tokens"),
     _option("--packing", False, DATA, action="store_true",
@@ -159,6 +163,8 @@ def check(args: argparse.Namespace) -> None:
                         "(the default) to train for --epochs")
     if args.max_steps == -1 and args.epochs == 0:
         raise UserError("--epochs 0 trains nothing: give --epochs > 0 or --max-steps N")
+    if args.forgetting and not args.test_data:
+        raise UserError("--forgetting is measured with the --test-data evaluation: give both")
     schedulers = [s.value for s in SchedulerType]
     if args.lr_scheduler not in schedulers:
         raise UserError(f"--lr-scheduler {args.lr_scheduler!r} is not one of "

@@ -286,6 +286,8 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
         pissa.finish_run(config, args.output_dir)
     if test_data and trainer.is_world_process_zero():
         metrics.update(_test_metrics(model.eval(), tokenizer, test_data, args))
+        if args.forgetting:
+            metrics["forgetting_kl"] = _forgetting(model, tokenizer, args, load_kwargs)
 
     summary = {
         "method": args.method, "model": args.model or "SmolLM2-135M-Instruct",
@@ -314,6 +316,16 @@ def _test_metrics(model, tokenizer, data, args: argparse.Namespace) -> dict:
                                args.max_new_tokens)
     return {"test_exact_match": result["exact_match"], "test_loss": result["loss"],
             "test_rows": result["n"]}
+
+
+def _forgetting(model, tokenizer, args: argparse.Namespace, load_kwargs: dict) -> float:
+    """`forgetting.measure`; full fine-tuning reloads the untouched model to compare with."""
+    from .forgetting import measure
+
+    untouched = None
+    if not isinstance(model, PeftModel):
+        untouched = loading.load_model(args.model, **load_kwargs).eval()
+    return measure(model, tokenizer, untouched, args.eval_batch_size or args.batch_size)
 
 
 def _count_parameters(model) -> tuple[int, int]:

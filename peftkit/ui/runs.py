@@ -10,12 +10,11 @@ import re
 import time
 
 from ..errors import UserError
+from ..experiments.report import PLOTS, RESULTS, TABLE
 from ..train.checkpoints import is_complete
 from ..train.metrics import CURVE, METRICS, SUMMARY, read_metrics
 from . import jobs
 
-RESULTS, TABLE = "results.json", "results.md"
-PLOTS = ("quality_vs_params.png", "memory_time.png")
 DEPTH = 3  # runs are found this many folders deep (compare/sweep keep one folder per run)
 LOG_TAIL = 40
 
