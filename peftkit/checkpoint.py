@@ -50,8 +50,28 @@ def atomic_write_text(path: str, text: str) -> None:
     _atomic_write(path, write)
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (e.g. a parameter sharded by FSDP2's `fully_shard`)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with each DTensor replaced by the whole tensor (`full_tensor()`, detached).
+    Collective: every rank of a DTensor's mesh must call this with the same keys, in order."""
+    return {k: v.detach().full_tensor() if is_sharded(v) else v for k, v in tensors.items()}
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Save contiguous CPU copies of `tensors` as safetensors (`{"format": "pt"}`), atomically."""
+    """Save contiguous CPU copies of `tensors` as safetensors (`{"format": "pt"}`), atomically.
+    A DTensor is refused: gather it with `full_tensors` on every rank first."""
+    sharded = [k for k, v in tensors.items() if is_sharded(v)]
+    if sharded:
+        raise ValueError(f"{len(sharded)} tensors are DTensors (sharded), e.g. {sharded[0]}: "
+                         "gather them with checkpoint.full_tensors on every rank first")
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     _atomic_write(path, lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
 

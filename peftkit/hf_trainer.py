@@ -78,6 +78,7 @@ def _patch(trainer_module) -> None:
         return
     from transformers import trainer_utils
 
+    from . import checkpoint
     from .model import PeftModel
 
     # transformers < 4.58 defines it in trainer.py itself.
@@ -103,6 +104,12 @@ def _patch(trainer_module) -> None:
         if not isinstance(model, PeftModel):
             return stock_save(self, output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None and any(map(checkpoint.is_sharded, model.parameters())):
+            # the stock Trainer saves from rank 0 alone: a gather there would wait forever
+            raise RuntimeError("this PeftModel is sharded (FSDP2 `fully_shard` by hand), and the "
+                               "Trainer saves it from one rank, which cannot gather the shards; "
+                               "train with `peftkit train --fsdp`, or save with "
+                               "model.save_pretrained(...) called on every rank")
         model.save_pretrained(output_dir, state_dict=state_dict,
                               is_main_process=self.args.should_save)
         if not self.args.should_save:

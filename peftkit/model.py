@@ -280,16 +280,25 @@ class PeftModel(nn.Module):
     # -- files -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike,
                         selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True,
+                        safe_serialization: bool = True, is_main_process: bool | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None,
                         path_initial_model_for_weight_conversion: str | None = None,
                         **kwargs) -> None:
         """Write each adapter as PEFT does: `default` in `save_directory/`, `X` in
         `save_directory/X/`; weights then config, each file atomically.
 
+        `is_main_process`: whether this process writes. None (the default): every process,
+        except in a `torch.distributed` run of more than one process, where rank 0 alone writes
+        (PEFT's default, True, has every rank write the same files).
+
+        A model sharded by FSDP2 (`fully_shard`: DTensor parameters) gathers each sharded
+        adapter tensor (`full_tensor()`), which is collective: every rank must call
+        `save_pretrained` (not only the writing one), as with `torch.distributed.checkpoint`.
+
         `state_dict`: the model's full state dict as a sharding or offloading engine gathered it
-        (keys as in `self.state_dict()`); the adapter tensors are taken from it instead of from
-        the parameters this process holds.
+        (keys as in `self.state_dict()`), on the writing process; the adapter tensors are taken
+        from it instead of from the parameters this process holds, and nothing is gathered.
+
         `path_initial_model_for_weight_conversion`: the folder of a PiSSA/OLoRA adapter saved
         right after init; each adapter is saved as the plain rank-2r LoRA that gives the same
         model on the untouched base (`methods.pissa.lora_from_mutated`), and, as PEFT does, that
@@ -299,24 +308,30 @@ class PeftModel(nn.Module):
                           stacklevel=2)
         if kwargs:
             raise TypeError(f"save_pretrained() got unexpected arguments {sorted(kwargs)}")
-        if not is_main_process:
-            return
+        if is_main_process is None:
+            is_main_process = _rank() == 0
+        if not is_main_process and state_dict is not None:
+            return  # an engine's gathered state dict: gathered already, nothing to join
         names = selected_adapters or list(self.peft_config)
         unknown = sorted(set(names) - set(self.peft_config))
         if unknown:
             raise ValueError(f"no adapters {unknown}; have {sorted(self.peft_config)}")
         for name in names:
-            out = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(out, exist_ok=True)
             tensors = self.adapter_tensors(name)
             if state_dict:  # DeepSpeed hands over {} when it gathered nothing
                 tensors = self._from_state_dict(tensors, state_dict)
+            else:  # FSDP2: each rank holds a shard; every rank takes part in the gather
+                tensors = checkpoint.full_tensors(tensors)
+            if not is_main_process:
+                continue
             config = self.peft_config[name]
             if path_initial_model_for_weight_conversion is not None:
                 initial = path_initial_model_for_weight_conversion
                 pissa.initial_config(config).save_pretrained(initial)
                 config, tensors = pissa.lora_from_mutated(config, tensors,
                                                           checkpoint.load_tensors(initial))
+            out = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(out, exist_ok=True)
             checkpoint.save_tensors(tensors, os.path.join(out, checkpoint.WEIGHTS_NAME))
             config.save_pretrained(out)
 
@@ -400,6 +415,12 @@ class PeftModel(nn.Module):
                     # this process's part of the file's tensor, cut locally
                     src = distribute_tensor(src, p.device_mesh, p.placements, src_data_rank=None)
                 p.copy_(src)
+
+
+def _rank() -> int:
+    """This process's rank in the default process group; 0 outside a distributed run."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",

@@ -191,3 +191,54 @@ def test_yaml_fsdp_keys_are_read(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", "--config", str(config), "--data", "x.jsonl", "--output-dir",
                      str(tmp_path / "out")]) == 2
     assert "torchrun launch" in capsys.readouterr().err
+
+
+def _save_sharded(rank: int, world: int, root: str) -> None:
+    """One of 2 gloo ranks: save the adapter unsharded (rank 0), shard the model with FSDP2, run
+    a forward and call `save_pretrained` directly, on every rank."""
+    import torch.distributed as dist
+
+    import peftkit
+    from peftkit import models
+    from peftkit.train.fsdp import shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank,
+                            world_size=world)
+    try:
+        config = peftkit.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                    init_lora_weights=False)
+        torch.manual_seed(0)
+        model = peftkit.get_peft_model(models.tiny_llama(0), config)
+        model.add_adapter("other", peftkit.LoraConfig(r=2, target_modules=["v_proj"],
+                                                      init_lora_weights=False))
+        if rank == 0:
+            model.save_pretrained(os.path.join(root, "unsharded"))
+        shard(model)
+        assert all(type(t).__name__ == "DTensor" for t in model.adapter_tensors("default").values())
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5, 6]]))
+        model.save_pretrained(os.path.join(root, f"default-{rank}"))  # rank 0 alone writes
+        model.save_pretrained(os.path.join(root, f"every-{rank}"), is_main_process=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_save_pretrained_of_an_fsdp2_sharded_model_gathers(tmp_path):
+    """`save_pretrained` called directly on every rank of an FSDP2-sharded PeftModel (no
+    `peftkit train`) writes the whole adapter: the unsharded model's files, key for key and
+    bit for bit; by default rank 0 alone writes, `is_main_process=True` writes on any rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_save_sharded, args=(2, str(tmp_path)), nprocs=2, join=True)
+    assert not (tmp_path / "default-1").exists()
+    for folder in ("default-0", "every-0", "every-1"):
+        for sub in (".", "other"):
+            got = tmp_path / folder / sub
+            want = tmp_path / "unsharded" / sub
+            a, b = _weights(str(got)), _weights(str(want))
+            assert a.keys() == b.keys() and len(a) == (16 if sub == "." else 4)
+            for key in a:
+                assert torch.equal(a[key], b[key]), key
+            assert (json.loads((got / "adapter_config.json").read_text())
+                    == json.loads((want / "adapter_config.json").read_text()))

@@ -231,7 +231,7 @@ def test_fused_loss_matches_transformers_with_trainable_head():
 
 def test_fused_loss_scores_only_the_counted_tokens(monkeypatch):
     """Logits are computed for the tokens that count and no other (a masked prompt costs
-    nothing); the loss and gradients are still transformers'. No counted token: 0, not nan."""
+    nothing); the loss and gradients are still transformers'."""
     model = peftkit.get_peft_model(models.tiny_llama(0), peftkit.LoraConfig(
         r=4, target_modules=QKVO, init_lora_weights=False), speed=False)
     ids, labels = batch(shape=(3, 9))
@@ -252,11 +252,8 @@ def test_fused_loss_scores_only_the_counted_tokens(monkeypatch):
     for got, expected in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     rows.clear()
-    loss = causal_lm_loss(model, ids, torch.full_like(labels, -100))
-    loss.backward()
-    assert loss.item() == 0 and rows == []
-    assert all(p.grad is not None and not p.grad.isnan().any()
-               for p in model.parameters() if p.requires_grad)
+    causal_lm_loss(model, ids, torch.full_like(labels, -100)).backward()
+    assert rows == []  # no counted token: no logits (values: test_no_counted_token_as_stock)
 
 
 def test_fused_loss_is_as_accurate_as_the_stock_loss():
@@ -285,6 +282,79 @@ def test_fused_loss_is_as_accurate_as_the_stock_loss():
                for a, b in zip(loss_and_grads(fn, torch.float32), exact)] for fn in (stock, fused)]
     for stock_err, fused_err in zip(*errors):
         assert fused_err <= 1.5 * stock_err + 1e-9, errors
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 7, torch.tensor(7), 0])
+def test_no_counted_token_as_stock(num_items_in_batch):
+    """A batch whose labels are all -100: the loss the stock model gives (nan for the mean, 0 with
+    `num_items_in_batch`, nan for 0 / 0), and its gradients (zeros), through `model(...)`."""
+    kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    results = []
+    for speed in (False, True):
+        model = peftkit.get_peft_model(models.tiny_llama(0), peftkit.LoraConfig(
+            r=4, target_modules=QKVO, init_lora_weights=False), speed=speed).train()
+        ids, labels = batch(shape=(3, 9))
+        out = model(input_ids=ids, labels=torch.full_like(labels, -100), **kw)
+        assert (out.logits is None) == speed  # the fused path ran
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (stock, stock_grads), (fused, fused_grads) = results
+    assert stock.isnan().item() == (num_items_in_batch is None or num_items_in_batch == 0)
+    torch.testing.assert_close(fused, stock, rtol=0, atol=0, equal_nan=True)
+    for got, expected in zip(fused_grads, stock_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_fused_loss_refuses_second_derivatives():
+    """Its backward uses gradients saved in the forward pass, constants to autograd: asked for a
+    graph of its gradient (for a second derivative) it raises instead of silently missing the
+    cross-entropy's Hessian. The LoRA function and the lean SwiGLU likewise."""
+    from peftkit.fast.loss import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(10, 8, generator=g, requires_grad=True)
+    target = torch.randint(0, 10, (6,), generator=g)
+    loss = LinearCrossEntropy.apply(hidden, weight, None, target, torch.tensor(6.0), 4)
+    loss = loss + hidden.pow(2).sum()  # a term whose second derivative autograd has
+    with pytest.raises(RuntimeError, match="LinearCrossEntropy .* has no second derivative"):
+        (grad_h,) = torch.autograd.grad(loss, hidden, create_graph=True)
+        torch.autograd.grad(grad_h.sum(), hidden)  # before: 2 everywhere, the CE term missing
+    (grad_h,) = torch.autograd.grad(loss, hidden)  # the first derivative is the stock one
+    stock = nn.functional.cross_entropy(hidden @ weight.t(), target) + hidden.pow(2).sum()
+    torch.testing.assert_close(grad_h, torch.autograd.grad(stock, hidden)[0])
+    a, b = torch.randn(2, 8, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    out = lora_fn.lora_forward(torch.zeros(6, 3), hidden, a, b, 2.0, 0.0)
+    with pytest.raises(RuntimeError, match="LoraFunction .* has no second derivative"):
+        torch.autograd.grad(out.pow(2).sum(), a, create_graph=True)
+    from peftkit.fast.swiglu import SiluMul
+
+    with pytest.raises(RuntimeError, match="SiluMul .* has no second derivative"):
+        torch.autograd.grad(SiluMul.apply(a, a).sum(), a, create_graph=True)
+
+
+@pytest.mark.parametrize("model_type, attr, value", [
+    ("gemma2", "final_logit_softcapping", 3.0),
+    ("llama", "final_logit_softcapping", 3.0),
+    ("llama", "logit_scale", 0.5),
+    ("llama", "logits_scaling", 2.0)])
+def test_logit_transforms_take_the_stock_forward(model_type, attr, value):
+    """A config that transforms the logits after the head (Gemma2's softcapping, Cohere's
+    logit_scale, Granite's logits_scaling) is not fused: `model(..., labels=...)` in training
+    runs the model's own forward and gives the stock model's loss and logits."""
+    model = tiny_causal_lm(model_type)
+    setattr(model.config, attr, value)
+    assert not loss_module.fusable(model)
+    ids, labels = batch(shape=(3, 9))
+    results = []
+    for speed in (False, True):
+        torch.manual_seed(0)  # the same adapter weights
+        peft_model = peftkit.get_peft_model(copy.deepcopy(model), peftkit.LoraConfig(
+            r=4, target_modules=QKVO, init_lora_weights=False), speed=speed).train()
+        out = peft_model(input_ids=ids, labels=labels)
+        assert out.logits is not None
+        results.append(out.loss)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=0)
 
 
 def test_fused_loss_refuses_logit_softcapping():

@@ -41,9 +41,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .amp import custom_bwd, custom_fwd
+from .amp import custom_bwd, custom_fwd, first_order_only
 from .hooks import bypassable
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -132,7 +131,7 @@ class LoraFunction(torch.autograd.Function):
         return out.view(*y.shape[:-1], out.shape[-1])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only  # saved tensors are constants to autograd: no 2nd derivative
     @custom_bwd
     def backward(ctx, grad_out):
         x, h, weight_a, weight_b, packed = ctx.saved_tensors

@@ -6,7 +6,7 @@ arXiv:2410.10989).
 gradient: for SmolLM2 at 8 x 256 tokens and V = 49,152 that is about 1.2 GB. `causal_lm_loss`
 computes the same loss as transformers' `ForCausalLMLoss` (labels shifted left, -100 ignored,
 mean over the counted tokens, or sum / `num_items_in_batch`; a batch with no counted token
-gives 0, not nan) from the decoder's hidden states, `chunk_size` tokens at a time. Each chunk's
+gives nan as the stock mean does, and 0 / `num_items_in_batch` with it, and zero gradients) from the decoder's hidden states, `chunk_size` tokens at a time. Each chunk's
 logits, log-softmax and gradient are formed in one reused (chunk_size, V) fp32 buffer during the
 forward pass, so that buffer is all the logits memory there is, and backward only scales the
 stored gradients.
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .amp import custom_bwd, custom_fwd
+from .amp import custom_bwd, custom_fwd, first_order_only
 from .hooks import bypassable
 
 IGNORE_INDEX = -100
@@ -37,6 +37,9 @@ FUSABLE_MODEL_TYPES = ("gemma", "gpt2", "llama", "mistral", "olmo2", "phi3", "qw
 # loss passes on to the decoder, and what transformers' Trainer and TRL add.
 FUSED_INPUTS = {"input_ids", "attention_mask", "position_ids", "labels", "num_items_in_batch",
                 "use_cache"}
+# Config attributes that change the logits after the output head (Gemma2's softcapping, Cohere's
+# logit_scale, Granite's logits_scaling): a model that sets one takes its own forward.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -88,6 +91,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return row_loss.sum() / divisor
 
     @staticmethod
+    @first_order_only  # saved tensors are constants to autograd: no 2nd derivative
     @custom_bwd
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_bias = ctx.saved_tensors
@@ -121,16 +125,16 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = lm.config
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(config, attr, None) not in (None, 1.0):
-            raise ValueError(f"causal_lm_loss does not apply {attr}; use model(...).loss")
+    attr = _logit_transform(config)
+    if attr is not None:
+        raise ValueError(f"causal_lm_loss does not apply {attr}; use model(...).loss")
     head = lm.get_output_embeddings()
     out = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     target = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
     target = target.to(hidden.device)
-    if num_items_in_batch is None:
-        divisor = (target != IGNORE_INDEX).sum().clamp(min=1).float()
+    if num_items_in_batch is None:  # no counted token: 0 / 0 = nan, as cross_entropy's mean
+        divisor = (target != IGNORE_INDEX).sum().float()
     else:
         divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -138,9 +142,16 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
                                     divisor, chunk_size)
 
 
+def _logit_transform(config) -> str | None:
+    """The first of `LOGIT_TRANSFORMS` that `config` sets to something other than None / 1."""
+    return next((attr for attr in LOGIT_TRANSFORMS
+                 if getattr(config, attr, None) not in (None, 1.0)), None)
+
+
 def fusable(model: nn.Module) -> bool:
     """Whether `causal_lm_loss(model, ...)` computes `model(..., labels=...).loss`: a model type in
-    `FUSABLE_MODEL_TYPES` scored by transformers' causal-LM loss, with a plain `nn.Linear` output
+    `FUSABLE_MODEL_TYPES` whose config transforms no logits (`LOGIT_TRANSFORMS`), scored by
+    transformers' causal-LM loss, with a plain `nn.Linear` output
     head (or a `modules_to_save` copy of one) that has no hooks, as the model itself (the fused
     loss calls neither), and no prompt-learning adapter active (its virtual tokens take part in
     the model's loss)."""
@@ -149,7 +160,10 @@ def fusable(model: nn.Module) -> bool:
     from ..methods.modules_to_save import ModulesToSaveWrapper
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(lm, "config", None), "model_type", None) not in FUSABLE_MODEL_TYPES:
+    config = getattr(lm, "config", None)
+    if getattr(config, "model_type", None) not in FUSABLE_MODEL_TYPES:
+        return False
+    if _logit_transform(config) is not None:
         return False
     if getattr(lm, "loss_function", None) is not ForCausalLMLoss:
         return False

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from transformers.activations import SiLUActivation
 
-from .amp import custom_bwd, custom_fwd
+from .amp import custom_bwd, custom_fwd, first_order_only
 from .hooks import bypassable
 
 # Classes whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`;
@@ -43,7 +42,7 @@ class SiluMul(torch.autograd.Function):
         return F.silu(g).mul_(u)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only  # no silent 2nd derivative (amp.first_order_only)
     @custom_bwd
     def backward(ctx, grad: torch.Tensor):
         g, u = ctx.saved_tensors
