@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .. import targets
+from .. import mixed, targets
 from ..config import PeftConfig, PeftType, check
 from ..fast import lora_fn
 from ..train.ranges import csv_list, fraction, positive_float, positive_int
@@ -193,8 +193,11 @@ class LoraLinear(WrappedLayer):
     `peftkit.fast`) a branch whose submodules have no hooks runs through
     `fast.lora_fn.LoraFunction` instead: the same values, and it saves x rather than a dropped
     copy of it. An adapter with a variant (`VARIANTS`, e.g. DoRA) runs the variant's `forward`
-    on these submodules instead.
+    on these submodules instead. In a mixed-adapter batch (`peftkit.mixed`) each distinct
+    adapter runs on its own rows only (`_mixed_forward`).
     """
+
+    mixes_rows = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -320,6 +323,9 @@ class LoraLinear(WrappedLayer):
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y
+        rows = mixed.current()
+        if rows is not None:
+            return self._mixed_forward(x, y, rows)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
@@ -333,6 +339,26 @@ class LoraLinear(WrappedLayer):
                 y = lora_fn.lora_forward(y, x, a.weight, b.weight, self.scaling[name], p)
             else:  # PEFT's arithmetic: the branch in the adapter dtype, the sum cast back
                 y = (y + b(a(dropout(x.to(a.weight.dtype)))) * self.scaling[name]).to(y.dtype)
+        return y
+
+    def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor, rows: mixed.MixedRows):
+        """y (B, ..., out) with each row's adapter added: for each distinct adapter, its rows of
+        x and y are gathered, run through the branch as in `forward`, and written back."""
+        rows.check_batch(x.shape[0])
+        if self.merged_adapters:
+            raise ValueError(f"adapter_names cannot be used while adapters are merged into the "
+                             f"weights ({self.merged_adapters}): call unmerge_adapter() first")
+        for name, idx in rows.groups(x.device):
+            if name not in self.lora_A:  # "__base__", or an adapter that skips this layer
+                continue
+            x_rows, y_rows = x.index_select(0, idx), y.index_select(0, idx)
+            variant = self.variants.get(name)
+            if variant is not None:
+                out = variant.forward(self, name, x_rows, y_rows)
+            else:
+                a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+                out = y_rows + b(a(dropout(x_rows.to(a.weight.dtype)))) * self.scaling[name]
+            y.index_copy_(0, idx, out.to(y.dtype))
         return y
 
 
