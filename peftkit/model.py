@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import checkpoint, fast, hf_trainer, hub, quant
+from . import checkpoint, fast, hf_trainer, hub, mixed, quant
 from .config import PeftConfig, TaskType
 from .fast import loss as fast_loss
 from .methods import pissa
@@ -95,6 +95,10 @@ class PeftModel(nn.Module):
     adapter's tensors are trainable (none when its config has `inference_mode=True`). bitsandbytes
     4-bit layers are kept off its AVX512-BF16 CPU inference format, which has no backward
     (`quant.avoid_cpu_packing_`).
+
+    `forward` and `generate` take `adapter_names=[...]`, one adapter name per row (`"__base__"`:
+    the bare model), to run a batch whose rows use different adapters, in inference
+    (`peftkit.mixed`); such a call takes the model's own forward, not the fused loss.
     """
 
     # transformers' Trainer reads this to accept training a quantized base with adapters on top.
@@ -124,13 +128,24 @@ class PeftModel(nn.Module):
 
     # -- running ---------------------------------------------------------------------------
     @_WithBaseSignature
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is not None:
+            with mixed.rows(self, adapter_names):
+                return self.base_model.model(*args, **kwargs)
         if self.speed.loss and fast_loss.training_forward_loss(self, args, kwargs):
             return fast_loss.fused_forward(self, **kwargs)
         return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        model = self.get_base_model()
+        if adapter_names is None:
+            return model.generate(*args, **kwargs)
+        # transformers repeats each row max(num_beams, num_return_sequences) times, in place
+        config = kwargs.get("generation_config") or model.generation_config
+        repeat = max(kwargs.get("num_beams") or config.num_beams or 1,
+                     kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+        with mixed.rows(self, adapter_names, repeat):
+            return model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model

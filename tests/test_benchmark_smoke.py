@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import lora_step  # noqa: E402
+import mixed_batch  # noqa: E402
 import step_variants  # noqa: E402
 
 
@@ -36,3 +37,13 @@ def test_step_variants_times_every_variant(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:]] == list(step_variants.VARIANTS)
     assert all(float(line.split()[1]) > 0 for line in lines[1:])
+
+
+def test_mixed_batch_times_each_run_and_matches_peft(capsys):
+    """Every round times the three forwards, and the mixed batch's logits are PEFT's."""
+    r = mixed_batch.main(["--model", "tiny-llama", "--seq", "16", "--rounds", "2", "--peft"])
+    assert {k: len(t) for k, t in r["times"].items()} == {"single": 2, "mixed": 2,
+                                                          "peft-mixed": 2}
+    assert r["peft_max_diff"] < 1e-5
+    assert f"mixed / single: {r['ratio']:.2f}x wall, {r['cpu_ratio']:.2f}x CPU" \
+        in capsys.readouterr().out

@@ -18,7 +18,13 @@ if TYPE_CHECKING:
 
 
 class TunerLayer(nn.Module):
-    """A module that holds adapters by name and applies the active, enabled ones."""
+    """A module that holds adapters by name and applies the active, enabled ones.
+
+    `mixes_rows`: its forward serves each row the adapter `peftkit.mixed.current()` names, in a
+    mixed-adapter batch (`model(..., adapter_names=[...])`); layers that cannot are refused there.
+    """
+
+    mixes_rows = False
 
     def __init__(self) -> None:
         super().__init__()

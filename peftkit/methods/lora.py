@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .. import targets
+from .. import mixed, targets
 from ..config import PeftConfig, PeftType, check
 from ..fast import lora_fn
 from ..train.ranges import csv_list, fraction, positive_float, positive_int
@@ -199,8 +199,11 @@ class LoraLinear(WrappedLayer):
     `peftkit.fast`) a branch whose submodules have no hooks runs through
     `fast.lora_fn.LoraFunction` instead: the same values, and it saves x rather than a dropped
     copy of it. An adapter with a variant (`VARIANTS`, e.g. DoRA) runs the variant's `forward`
-    on these submodules instead.
+    on these submodules instead. In a mixed-adapter batch (`peftkit.mixed`) each distinct
+    adapter runs on its own rows only (`_mixed_forward`).
     """
+
+    mixes_rows = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -328,19 +331,38 @@ class LoraLinear(WrappedLayer):
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y
+        rows = mixed.current()
+        if rows is not None:
+            return self._mixed_forward(x, y, rows)
         for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            variant = self.variants.get(name)
-            if variant is not None:
-                y = variant.forward(self, name, x, y).to(y.dtype)
-                continue
-            a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            if self.use_lora_function and lora_fn.fusable(a, b, dropout):
-                p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-                y = lora_fn.lora_forward(y, x, a.weight, b.weight, self.scaling[name], p)
-            else:  # PEFT's arithmetic: the branch in the adapter dtype, the sum cast back
-                y = (y + b(a(dropout(x.to(a.weight.dtype)))) * self.scaling[name]).to(y.dtype)
+            if name not in self.merged_adapters:
+                y = self._add_branch(name, x, y)
+        return y
+
+    def _add_branch(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + adapter `name`'s branch on x, in y's dtype: its variant's rule, else the LoRA
+        function where `fusable`, else the submodules with PEFT's arithmetic (the branch in the
+        adapter dtype, the sum cast back)."""
+        variant = self.variants.get(name)
+        if variant is not None:
+            return variant.forward(self, name, x, y).to(y.dtype)
+        a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if self.use_lora_function and lora_fn.fusable(a, b, dropout):
+            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            return lora_fn.lora_forward(y, x, a.weight, b.weight, self.scaling[name], p)
+        return (y + b(a(dropout(x.to(a.weight.dtype)))) * self.scaling[name]).to(y.dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor, rows: mixed.MixedRows):
+        """y (B, ..., out) with each row's adapter added: for each distinct adapter, its rows of
+        x and y are gathered, run through `_add_branch` as in `forward`, and written back."""
+        rows.check_batch(x.shape[0])
+        if self.merged_adapters:
+            raise ValueError(f"adapter_names cannot be used while adapters are merged into the "
+                             f"weights ({self.merged_adapters}): call unmerge_adapter() first")
+        for name, idx in rows.groups(x.device):
+            if name in self.lora_A:  # not "__base__", nor an adapter that skips this layer
+                out = self._add_branch(name, x.index_select(0, idx), y.index_select(0, idx))
+                y.index_copy_(0, idx, out)
         return y
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
-from .. import targets
+from .. import mixed, targets
 from .base import TunerLayer, replace_module
 
 
@@ -16,8 +17,11 @@ class ModulesToSaveWrapper(TunerLayer):
     The copy of adapter `name` lives at `modules_to_save.<name>`; on disk its tensors keep the
     module's own keys (`<path>.weight`), as in PEFT. Forward runs the first active adapter's copy;
     `merge_and_unload` keeps the first merged adapter's copy (PEFT 0.21 keeps the active one's even
-    when merging other adapters).
+    when merging other adapters). In a mixed-adapter batch (`peftkit.mixed`) each row goes
+    through its adapter's copy (the original module for `"__base__"` and adapters without one).
     """
+
+    mixes_rows = True
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
@@ -57,7 +61,22 @@ class ModulesToSaveWrapper(TunerLayer):
         return self.original_module
 
     def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
+        rows = mixed.current()
+        if rows is None or self.disabled:
+            return self._current()(*args, **kwargs)
+        return self._mixed_forward(rows, *args, **kwargs)
+
+    def _mixed_forward(self, rows: mixed.MixedRows, x: torch.Tensor, *args, **kwargs):
+        """x (B, ...): each distinct adapter's rows through its module, put back in row order."""
+        rows.check_batch(x.shape[0])
+        outs, order = [], []
+        for name, idx in rows.groups(x.device):
+            module = self.modules_to_save[name] if name in self.modules_to_save \
+                else self.original_module
+            outs.append(module(x.index_select(0, idx), *args, **kwargs))
+            order.append(idx)
+        out = torch.cat(outs)
+        return out.new_empty(out.shape).index_copy_(0, torch.cat(order), out)
 
     def __getattr__(self, name: str):
         try:
