@@ -7,7 +7,7 @@ dropped input (x when p = 0):
 
     base = y - bias                    (p = 0: W0 x read off y, as PEFT does)
          = x_d @ W0^T                  (p > 0: PEFT recomputes W0 x on the dropped x)
-    out  = y + [(f - 1) * base + (f * (x_d @ A^T @ B^T)) * s]          (PEFT's order of terms)
+    out  = y + (f - 1) * base + f * s * (x_d @ A^T @ B^T)
 
 Autograd through that expression (PEFT's way) keeps, per adapted layer, the dropout's mask and
 x_d (N, in), A x_d (N, r), B A x_d (N, out), f * B A x_d (N, out), base (N, out), and with
@@ -15,7 +15,7 @@ dropout also x_d again for the base matmul. This function keeps x itself (shared
 projections of the same input), h = x_d @ A^T (N, r), the keep-mask as bits, and base (N, out):
 one (N, out) tensor, the least the magnitude's gradient needs. With z = base + s * (h @ B^T):
 
-    grad_m    = sum_N(g * z) / n
+    grad_m    = sum_N(g * z) / n       (p > 0: base saved as (1 - p) W0 x_d, the division here)
               = (sum_N(g * base) + s * rowsum(B * (g^T h))) / n      (no (N, out) product of h)
     grad_B    = (g^T h) * (s * f)[:, None]                            (out, r)
     gh        = g @ (B * (s * f)[:, None]) / (1 - p)                  (N, r)
@@ -25,8 +25,10 @@ one (N, out) tensor, the least the magnitude's gradient needs. With z = base + s
     grad_y    = f * g (p = 0, base taken from y);  g (p > 0)
     grad_bias = -sum_N(g) * (f - 1)            (p = 0, only when the bias trains)
 
-so the only (N, out) elementwise work in backward is sum_N(g * base) (and f * g for p = 0); the
-scalings by f, s and 1 / (1 - p) go on (out, r) or (out, in) weights. Extra matmuls against
+so the only (N, out) elementwise work in backward is sum_N(g * base) (and f * g for p = 0), in
+forward one multiply-add; the scalings by f, s and 1 / (1 - p) go on (out, r) or (out, in)
+weights, (N, r) tensors or the (out,) factor. PEFT rounds (f * lora) * s, this function
+f * s * B first: the same value up to fp32 rounding. Extra matmuls against
 LoRA: none with p = 0; with p > 0, W0 x_d forward and its transpose in backward, which PEFT's
 semantics (the dropped x through W0) require.
 
@@ -57,20 +59,22 @@ class DoraFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.reshape(-1, y.shape[-1])
         f = magnitude.detach() / norm
+        b_scaled = weight_b * (f * scaling)[:, None]  # f * s folded into B: (out, r)
         packed = None
         if dropout_p > 0:
             keep = keep_mask(x2.shape, dropout_p, x.device)
             packed = pack_bits(keep)
-            xd = _masked(x2, keep, dtype).mul_(1 / (1 - dropout_p))
-            h = xd @ weight_a.t()
-            base = xd @ weight.to(dtype).t()
-            del xd
+            xk = _masked(x2, keep, dtype)  # x * mask; 1 / (1 - p) goes on (N, r) and (out,)
+            h = (xk @ weight_a.t()).mul_(1 / (1 - dropout_p))
+            base = xk @ weight.to(dtype).t()  # (1 - p) * W0 x_d, saved as is
+            del xk
+            # y + (f - 1) * W0 x_d, then + (f * s) * B A x_d as one addmm
+            out = torch.addcmul(y2.to(dtype), base, ((f - 1) / (1 - dropout_p)))
         else:
             h = x2.to(dtype) @ weight_a.t()
             base = (y2 if bias is None else y2 - bias).to(dtype)
-        lora = h @ weight_b.t()
-        dora = lora.mul_(f).mul_(scaling).add_(base * (f - 1))  # (f * lora) * s + (f - 1) * base
-        out = dora.add_(y2).to(y.dtype)  # y + dora in the adapter dtype, as PEFT's `result +`
+            out = torch.addcmul(y2.to(dtype), base, f - 1)
+        out = out.addmm_(h, b_scaled.t()).to(y.dtype)
         ctx.save_for_backward(x, h, weight_a, weight_b, f, norm, base, packed,
                               weight if dropout_p > 0 else None)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
@@ -93,7 +97,8 @@ class DoraFunction(torch.autograd.Function):
             if need_b:
                 grad_b = (gth * (s * f)[:, None]).to(weight_b.dtype)
             if need_m:
-                grad_m = (g * base).sum(0).add_((gth * weight_b).sum(1), alpha=s).div_(norm)
+                grad_m = (g * base).sum(0).div_(1 - p).add_((gth * weight_b).sum(1), alpha=s)
+                grad_m = grad_m.div_(norm)
         if need_x or need_a:
             gh = g @ (weight_b * (s * f / (1 - p))[:, None])  # (N, r)
             keep = unpack_bits(packed, x2.shape) if p > 0 else None

@@ -47,12 +47,15 @@ def row_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(weight + delta, dim=1)
 
 
-def weight_norm(layer: "LoraLinear", name: str, dtype: torch.dtype) -> torch.Tensor:
+def weight_norm(layer: "LoraLinear", name: str, dtype: torch.dtype,
+                dense: torch.Tensor | None = None) -> torch.Tensor:
     """||W0 + s * B @ A||_row in `dtype`, (out,), detached: W0 + s * B @ A as one fused
-    multiply-add, the only (out, in) temporary besides a dequantized k-bit W0."""
+    multiply-add, the only (out, in) temporary besides a dequantized k-bit W0. `dense`: W0 as
+    (out, in) if the caller has it (`layer.dense_weight()`)."""
+    dense = layer.dense_weight() if dense is None else dense
     with torch.no_grad():
         a, b = layer.lora_A[name].weight.to(dtype), layer.lora_B[name].weight.to(dtype)
-        summed = torch.addmm(layer.dense_weight().to(dtype), b, a, alpha=layer.scaling[name])
+        summed = torch.addmm(dense.to(dtype), b, a, alpha=layer.scaling[name])
         return torch.linalg.norm(summed, dim=1)
 
 
@@ -81,10 +84,10 @@ class DoraVariant:
                 and bypassable(magnitude, Magnitude)):
             active = isinstance(dropout, nn.Dropout) and dropout.training and layer.training
             p = dropout.p if active else 0.0
-            norm = weight_norm(layer, name, a.weight.dtype)
-            weight = layer.dense_weight() if p > 0 else None
-            return dora_fn.dora_forward(y, x, a.weight, b.weight, magnitude.weight, norm, weight,
-                                        layer.bias, scaling, p)
+            dense = layer.dense_weight()  # dequantized once (k-bit) for the norm and W0 x_d
+            norm = weight_norm(layer, name, a.weight.dtype, dense)
+            return dora_fn.dora_forward(y, x, a.weight, b.weight, magnitude.weight, norm,
+                                        dense if p > 0 else None, layer.bias, scaling, p)
         x = x.to(a.weight.dtype)
         weight = layer.dense_weight().to(x.dtype)
         lora_weight = (b.weight @ a.weight).detach().to(x.dtype)
