@@ -234,3 +234,18 @@ def test_training_gradients_equal_peft_with_trainable_bias(tokens, tmp_path):
     assert any(n.endswith("q_proj.base_layer.bias") for n in g_ours)
     for n in g_ref:
         torch.testing.assert_close(g_ours[n], g_ref[n], atol=1e-6, rtol=1e-4)
+
+
+def test_dora_benchmark_times_every_variant(capsys):
+    """benchmarks/dora_step.py on the tiny Llama: one row per variant with a step time."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import dora_step
+
+    dora_step.main(["--model", "tiny-llama", "--batch", "2", "--seq", "16", "--rounds", "1",
+                    "--memory-steps", "0"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows[1:]] == list(dora_step.VARIANTS)
+    assert all(float(r.split(" | ")[1]) > 0 for r in rows[1:])

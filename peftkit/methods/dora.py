@@ -15,6 +15,11 @@ with W0 x taken from y (bias removed) unless dropout is active; then both terms 
 and W0 x is recomputed, as PEFT does. Merging replaces W0 by f * (W0 + s * B @ A) with the norm
 of the unmerged weight; unmerging divides by f and subtracts the delta.
 
+The forward runs through `fast.dora_fn.DoraFunction` when the speed layer's LoRA function is on
+and no hook would be skipped (same values, less saved for backward), else through the
+submodules with autograd, PEFT's way. Over a k-bit base (`qlora.KbitLoraLinear`, QDoRA) W0 is
+the dequantized weight, as in PEFT; merging there re-quantizes (see qlora.py).
+
 In memory the magnitude is `<path>.lora_magnitude_vector.<adapter>.weight`; on disk
 `base_model.model.<path>.lora_magnitude_vector`, shape (out_features,), PEFT's layout.
 """
