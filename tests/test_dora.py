@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
+from peftkit.fast import lora_fn
+from peftkit.methods.lora import LoraLinear, VARIANTS
 from conftest import TARGETS, logits, make_model, perturb_trainable
 
 
@@ -86,9 +88,12 @@ def test_peftkit_to_peft_logits(kind, tokens, tmp_path):
 
 
 def test_dropout_in_training_matches_peft(tokens, tmp_path):
-    """With dropout on, PEFT drops x once and recomputes W0 x on it; same mask, same output."""
+    """With dropout on, PEFT drops x once and recomputes W0 x on it; same mask, same output. The
+    stock path (speed layer's LoRA function off) draws torch's mask as PEFT does; the fused path
+    draws its own (`test_fused_dora_matches_the_closed_form_with_its_mask`)."""
     ref = trained_peft("llama", tmp_path, lora_dropout=0.5)
     ours = peftkit.PeftModel.from_pretrained(make_model("llama"), tmp_path, is_trainable=True)
+    peftkit.fast.apply(ours, lora_function=False)
     ref.train(), ours.train()
     torch.manual_seed(5)
     expected = ref(input_ids=tokens).logits
@@ -146,3 +151,101 @@ def test_delete_adapter_removes_the_magnitude():
     model.delete_adapter("other")
     assert not any(".other." in n for n, _ in model.named_parameters())
     assert any("lora_magnitude_vector.default" in n for n, _ in model.named_parameters())
+
+
+def dora_layer(bias: bool, p: float, seed: int = 0) -> LoraLinear:
+    """A DoRA LoraLinear on nn.Linear(8 -> 6), every tensor off its init, in training mode."""
+    torch.manual_seed(seed)
+    layer = LoraLinear(torch.nn.Linear(8, 6, bias=bias))
+    layer.add("default", r=4, alpha=8, scaling=2.0, dropout=p, init=False, dtype=torch.float32,
+              variant=VARIANTS["use_dora"])
+    layer.set_adapter(["default"])
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(torch.rand(6) + 0.5)
+    layer.requires_grad_(True)  # the bias and W0 too: only what DoRA passes on may get gradient
+    layer.base_layer.weight.requires_grad_(False)
+    return layer.train()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_dora_matches_the_closed_form_with_its_mask(p, bias):
+    """The fused DoRA function (speed layer on), given the mask it drew, equals autograd through
+    PEFT's expression y + (f - 1) * base + f * s * B A x_d, with f = m / ||W0 + s B A||_row
+    detached and base = y - bias (p = 0) or W0 x_d (p > 0): output and the gradients of x, A, B,
+    m and a trainable bias, up to fp32 rounding (values of order 1-10)."""
+    layer = dora_layer(bias, p)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    torch.manual_seed(7)
+    keep = lora_fn.keep_mask(torch.Size((15, 8)), p, x.device).view(3, 5, 8) if p else None
+    torch.manual_seed(7)
+    out = layer(x)
+    w = torch.randn_like(out)
+    params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight] + ([layer.base_layer.bias] * bias)
+    got = torch.autograd.grad((out * w).sum(), params)
+
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m, w0, s = layer.lora_magnitude_vector["default"].weight, layer.base_layer.weight, 2.0
+    y = layer.base_layer(x)
+    norm = torch.linalg.norm(w0 + s * (b @ a), dim=1).detach()
+    f = m / norm
+    xd = x if keep is None else x * keep / (1 - p)
+    base = (y if not bias else y - layer.base_layer.bias) if keep is None else xd @ w0.T
+    ref = y + (f - 1) * base + f * s * (xd @ a.T @ b.T)
+    expected = torch.autograd.grad((ref * w).sum(), params)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert layer.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_and_stock_dora_give_the_same_values(p):
+    """The speed layer's DoRA function against the stock autograd path on the same layer: same
+    output in eval mode; in training with dropout 0 also the same gradients."""
+    layer = dora_layer(True, p)
+    x = torch.randn(4, 8)
+    results = []
+    for fused in (True, False):
+        layer.use_lora_function = fused
+        layer.zero_grad()
+        layer.eval()
+        with torch.no_grad():
+            evaluated = layer(x)
+        layer.train()
+        if p == 0:
+            layer(x).pow(2).sum().backward()
+        results.append((evaluated, [q.grad for q in layer.parameters() if q.requires_grad]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for g, e in zip(results[0][1], results[1][1]):
+        if p == 0:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_training_gradients_equal_peft_with_trainable_bias(tokens, tmp_path):
+    """One training step's gradients (dropout 0, bias="lora_only": the base bias trains and enters
+    DoRA's base = y - bias) equal PEFT's, A, B, magnitude and bias."""
+    ref = trained_peft("llama", tmp_path, bias="lora_only")
+    ours = peftkit.PeftModel.from_pretrained(make_model("llama"), tmp_path, is_trainable=True)
+    ref.train(), ours.train()
+    g_ref, g_ours = grads(ref, tokens), grads(ours, tokens)
+    assert g_ours.keys() == g_ref.keys()
+    assert any(n.endswith("q_proj.base_layer.bias") for n in g_ours)
+    for n in g_ref:
+        torch.testing.assert_close(g_ours[n], g_ref[n], atol=1e-6, rtol=1e-4)
+
+
+def test_dora_benchmark_times_every_variant(capsys):
+    """benchmarks/dora_step.py on the tiny Llama: one row per variant with a step time."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import dora_step
+
+    dora_step.main(["--model", "tiny-llama", "--batch", "2", "--seq", "16", "--rounds", "1",
+                    "--memory-steps", "0"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows[1:]] == list(dora_step.VARIANTS)
+    assert all(float(r.split(" | ")[1]) > 0 for r in rows[1:])

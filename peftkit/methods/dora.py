@@ -15,6 +15,11 @@ with W0 x taken from y (bias removed) unless dropout is active; then both terms 
 and W0 x is recomputed, as PEFT does. Merging replaces W0 by f * (W0 + s * B @ A) with the norm
 of the unmerged weight; unmerging divides by f and subtracts the delta.
 
+The forward runs through `fast.dora_fn.DoraFunction` when the speed layer's LoRA function is on
+and no hook would be skipped (same values, less saved for backward), else through the
+submodules with autograd, PEFT's way. Over a k-bit base (`qlora.KbitLoraLinear`, QDoRA) W0 is
+the dequantized weight, as in PEFT; merging there re-quantizes (see qlora.py).
+
 In memory the magnitude is `<path>.lora_magnitude_vector.<adapter>.weight`; on disk
 `base_model.model.<path>.lora_magnitude_vector`, shape (out_features,), PEFT's layout.
 """
@@ -26,6 +31,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..fast import dora_fn, lora_fn
+from ..fast.hooks import bypassable
 
 if TYPE_CHECKING:
     from .lora import LoraLinear
@@ -44,6 +52,18 @@ def row_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.norm(weight + delta, dim=1)
 
 
+def weight_norm(layer: "LoraLinear", name: str, dtype: torch.dtype,
+                dense: torch.Tensor | None = None) -> torch.Tensor:
+    """||W0 + s * B @ A||_row in `dtype`, (out,), detached: W0 + s * B @ A as one fused
+    multiply-add, the only (out, in) temporary besides a dequantized k-bit W0. `dense`: W0 as
+    (out, in) if the caller has it (`layer.dense_weight()`)."""
+    dense = layer.dense_weight() if dense is None else dense
+    with torch.no_grad():
+        a, b = layer.lora_A[name].weight.to(dtype), layer.lora_B[name].weight.to(dtype)
+        summed = torch.addmm(dense.to(dtype), b, a, alpha=layer.scaling[name])
+        return torch.linalg.norm(summed, dim=1)
+
+
 class DoraVariant:
     """The DoRA arithmetic of a `LoraLinear` adapter (the layer's `VARIANTS` table names it)."""
 
@@ -57,9 +77,22 @@ class DoraVariant:
 
     @staticmethod
     def forward(layer: "LoraLinear", name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y + (f - 1) * W0 x + f * s * B A x, x: (..., in), y: (..., out) the base output."""
+        """y + (f - 1) * W0 x + f * s * B A x, x: (..., in), y: (..., out) the base output.
+
+        With the speed layer's LoRA function on and no hooks to run, through
+        `fast.dora_fn.DoraFunction` (same values, saves one (N, out) tensor and x); else PEFT's
+        autograd expression on the submodules."""
         a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+        magnitude = layer.lora_magnitude_vector[name]
         scaling = layer.scaling[name]
+        if (layer.use_lora_function and lora_fn.fusable(a, b, dropout)
+                and bypassable(magnitude, Magnitude)):
+            active = isinstance(dropout, nn.Dropout) and dropout.training and layer.training
+            p = dropout.p if active else 0.0
+            dense = layer.dense_weight()  # dequantized once (k-bit) for the norm and W0 x_d
+            norm = weight_norm(layer, name, a.weight.dtype, dense)
+            return dora_fn.dora_forward(y, x, a.weight, b.weight, magnitude.weight, norm,
+                                        dense if p > 0 else None, layer.bias, scaling, p)
         x = x.to(a.weight.dtype)
         weight = layer.dense_weight().to(x.dtype)
         lora_weight = (b.weight @ a.weight).detach().to(x.dtype)

@@ -20,6 +20,11 @@ FP4: 0.167 * absmax; int8: 0.5 / 127 * the row's absmax), plus the rounding of t
 absmax itself under double quantization. For an exact merge,
 `PeftModel.merge_and_unload(dequantize=True)` first turns every k-bit layer into an `nn.Linear`
 (see `peftkit.quant.dequantize_model`); these layers then merge like plain LoRA.
+
+DoRA (`use_dora=True`, QDoRA) works on these layers unchanged: its norm ||W0 + s B A||_row and,
+with dropout, W0 x_d use the dequantized W0 (`dense_weight`), as PEFT's `dequantize_module_weight`
+does; merging scales the dequantized W0 + delta by m / norm and re-quantizes, as PEFT's
+`Linear4bit.merge` does (the same codes; `tests/test_qlora.py`).
 """
 
 from __future__ import annotations
