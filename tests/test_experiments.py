@@ -198,6 +198,11 @@ def test_presets_are_their_base_method_with_extra_flags(tmp_path):
     assert dora == {**lora, "r": 8, "use_dora": True, "learning_rate": 5e-4}
     assert variants.flags(variants.get("rslora", ""), extra)["learning_rate"] == 1e-3
     assert variants.flags(variants.get("lora-all", ""), {})["target_modules"] == "all-linear"
+    narrowed = {"lora": {"target_modules": "q_proj"}}  # a base override keeps what makes a preset
+    assert variants.flags(variants.get("lora-all", ""), narrowed)["target_modules"] == "all-linear"
+    assert variants.flags(variants.get("lora", ""), narrowed)["target_modules"] == "q_proj"
+    assert variants.flags(variants.get("lora-all", ""), {"lora-all": {"target_modules": "v_proj"}}
+                          )["target_modules"] == "v_proj"
     assert variants.flags(variants.get("loraplus", ""), {})["loraplus_lr_ratio"] == 16
     has_init = "init_lora_weights" in registry.spec("lora").flags
     names = variants.default_names()

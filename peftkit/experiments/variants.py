@@ -61,10 +61,12 @@ def default_names() -> list[str]:
 
 def flags(variant: Variant, extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The run's `peftkit train` options: the base method's learning rate and compare flags, the
-    preset's options, then the user's overrides for the base method and for the row itself."""
+    user's overrides for the base method, the preset's own options (an override of the base
+    method never undoes what makes the preset: `--set lora.target_modules=q_proj` leaves
+    lora-all on every linear layer), then the user's overrides for the row itself."""
     spec = registry.spec(variant.method)
-    out = {"learning_rate": spec.learning_rate, **spec.compare_flags, **variant.flags,
-           **extra.get(variant.method, {})}
+    out = {"learning_rate": spec.learning_rate, **spec.compare_flags,
+           **extra.get(variant.method, {}), **variant.flags}
     if variant.name != variant.method:
         out.update(extra.get(variant.name, {}))
     return out

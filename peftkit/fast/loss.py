@@ -5,8 +5,9 @@ arXiv:2410.10989).
 `model(input_ids, labels=...)` materializes logits (N, V) in fp32 plus their log-softmax and its
 gradient: for SmolLM2 at 8 x 256 tokens and V = 49,152 that is about 1.2 GB. `causal_lm_loss`
 computes the same loss as transformers' `ForCausalLMLoss` (labels shifted left, -100 ignored,
-mean over the counted tokens, or sum / `num_items_in_batch`; a batch with no counted token
-gives nan as the stock mean does, and 0 / `num_items_in_batch` with it, and zero gradients) from the decoder's hidden states, `chunk_size` tokens at a time. Each chunk's
+mean over the counted tokens, or sum / `num_items_in_batch`) from the decoder's hidden states,
+`chunk_size` tokens at a time. A batch with no counted token gets what the stock loss gives it:
+nan for the mean, 0 / `num_items_in_batch` for the sum, zero gradients. Each chunk's
 logits, log-softmax and gradient are formed in one reused (chunk_size, V) fp32 buffer during the
 forward pass, so that buffer is all the logits memory there is, and backward only scales the
 stored gradients.

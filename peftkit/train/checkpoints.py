@@ -11,14 +11,18 @@ import os
 import re
 
 
+def checkpoint_folders(output_dir: str) -> list[str]:
+    """The `checkpoint-N` folders in `output_dir` (paths), lowest step first; [] without it."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = sorted(int(m.group(1)) for name in os.listdir(output_dir)
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The highest-step `checkpoint-N` folder whose save finished, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((int(m.group(1)) for name in os.listdir(output_dir)
-                    if (m := re.fullmatch(r"checkpoint-(\d+)", name))), reverse=True)
-    folders = (os.path.join(output_dir, f"checkpoint-{step}") for step in steps)
-    return next((folder for folder in folders if is_complete(folder)), None)
+    return next((f for f in reversed(checkpoint_folders(output_dir)) if is_complete(f)), None)
 
 
 def is_complete(folder: str) -> bool:

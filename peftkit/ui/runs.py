@@ -11,11 +11,11 @@ import time
 
 from ..errors import UserError
 from ..experiments.report import PLOTS, RESULTS, TABLE
-from ..train.checkpoints import is_complete
+from ..train.checkpoints import checkpoint_folders, is_complete
 from ..train.metrics import CURVE, METRICS, SUMMARY, read_metrics
 from . import jobs
 
-DEPTH = 3  # runs are found this many folders deep (compare/sweep keep one folder per run)
+DEPTH = 4  # runs are found this many folders deep (compare: <method>/seed-N/output)
 LOG_TAIL = 40
 
 
@@ -26,11 +26,6 @@ def inside(runs_dir: str, rel: str) -> str:
     if path != root and not path.startswith(root + os.sep):
         raise UserError(f"{rel!r} is outside the runs directory {runs_dir}")
     return path
-
-
-def _checkpoints(path: str) -> list[str]:
-    found = [n for n in os.listdir(path) if re.fullmatch(r"checkpoint-\d+", n)]
-    return sorted(found, key=lambda n: int(n.split("-")[1]))
 
 
 def _is_run(path: str) -> bool:
@@ -88,7 +83,7 @@ def row(root: str, path: str) -> dict:
     summary = jobs.read_json(os.path.join(path, SUMMARY))
     record = jobs.read_json(jobs.record_path(path))
     state, _ = status(path, summary, record)
-    ckpts = _checkpoints(path) if os.path.isdir(path) else []
+    ckpts = [os.path.basename(c) for c in checkpoint_folders(path)]
     # a checkpoint whose save was interrupted (a stopped run) is listed but not offered
     interrupted = [c for c in ckpts if not is_complete(os.path.join(path, c))]
     adapters = [os.path.relpath(os.path.join(path, c), root) for c in ckpts
@@ -190,7 +185,7 @@ def experiment(root: str, path: str) -> dict:
             "table": _read(os.path.join(path, TABLE)),
             "plots": [os.path.relpath(os.path.join(path, p), root) for p in PLOTS
                       if os.path.exists(os.path.join(path, p))],
-            "runs": [{k: r.get(k) for k in ("method", "status", "exact_match", "train_seconds",
+            "runs": [{k: r.get(k) for k in ("method", "seed", "status", "exact_match", "train_seconds",
                                             "peak_memory_mb", "trainable_params")}
                      for r in results.get("runs", [])]}
 
