@@ -97,8 +97,9 @@ class PeftModel(nn.Module):
     (`quant.avoid_cpu_packing_`).
 
     `forward` and `generate` take `adapter_names=[...]`, one adapter name per row (`"__base__"`:
-    the bare model), to run a batch whose rows use different adapters, in inference
-    (`peftkit.mixed`); such a call takes the model's own forward, not the fused loss.
+    the bare model, the residual base after a PiSSA/OLoRA init, as in PEFT), to run a batch
+    whose rows use different adapters, in inference (`peftkit.mixed`); such a call takes the
+    model's own forward, not the fused loss.
     """
 
     # transformers' Trainer reads this to accept training a quantized base with adapters on top.
@@ -205,7 +206,9 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Context manager: inside it the model computes exactly the base model's outputs."""
+        """Context manager: inside it the model computes exactly the base model's outputs, except
+        after a LoRA init that changes the base (PiSSA, OLoRA: `methods.pissa`), where it gives
+        the residual base's outputs, as in PEFT."""
         layers = list(self._layers())
         for layer in layers:
             layer.set_disabled(True)

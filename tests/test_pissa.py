@@ -161,6 +161,42 @@ def test_conversion_refused_by_name(extra, message, tmp_path):
                              path_initial_model_for_weight_conversion=str(tmp_path / "init"))
 
 
+def test_run_refuses_an_unconvertible_config_before_init(tmp_path):
+    """`start_run` checks what `finish_run` will convert before the init (and training)."""
+    config = peftkit.LoraConfig(**{**kwargs_for("llama", "pissa"), "use_rslora": True,
+                                   "rank_pattern": {"0\\..*": 2}})
+    with pytest.raises(UserError, match="rank_pattern"):
+        peftkit.methods.pissa.start_run(make_model("llama"), config, str(tmp_path / "out"), None,
+                                        True)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_resume_from_another_run_uses_its_initial_adapter(tmp_path):
+    """`--resume /other/run/checkpoint-N` rebuilds the residual from /other/run/initial_adapter
+    (the random pissa_niter_N differs from a new init) and copies it into the output dir for the
+    conversion at the end; with none there nor in the output dir, the error names both."""
+    pissa = peftkit.methods.pissa
+    config = lambda: peftkit.LoraConfig(**kwargs_for("llama", "pissa_niter_2"))  # noqa: E731
+    torch.manual_seed(0)
+    first = pissa.start_run(make_model("llama"), config(), str(tmp_path / "other"), None, True)
+    checkpoint = tmp_path / "other" / "checkpoint-2"
+    checkpoint.mkdir()
+    torch.manual_seed(1)
+    out = tmp_path / "out"
+    resumed = pissa.start_run(make_model("llama"), config(), str(out), str(checkpoint), True)
+    mine, theirs = resumed.state_dict(), first.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=1e-6)
+    assert os.path.isfile(out / "initial_adapter" / "adapter_model.safetensors")
+    lone = tmp_path / "lone" / "checkpoint-2"
+    lone.mkdir(parents=True)
+    with pytest.raises(UserError) as err:
+        pissa.start_run(make_model("llama"), config(), str(tmp_path / "new"), str(lone), True)
+    for place in (tmp_path / "lone" / "initial_adapter", tmp_path / "new" / "initial_adapter"):
+        assert str(place) in str(err.value)
+
+
 def train(model_dir, data, out, *extra):
     from peftkit import cli
 
@@ -227,7 +263,8 @@ def test_kbit_base_refused_by_name(init):
     model = nn.Sequential()
     model.add_module("proj", layer.to("cpu"))
     config = peftkit.LoraConfig(r=4, target_modules=["proj"], init_lora_weights=init)
-    with pytest.raises(UserError, match="k-bit"):
+    who = "PEFT refuses PiSSA there too" if init == "pissa" else "peftkit does not compute OLoRA"
+    with pytest.raises(UserError, match=f"k-bit layer: {who}"):
         peftkit.get_peft_model(model, config)
 
 
