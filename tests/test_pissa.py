@@ -153,12 +153,38 @@ def test_bad_init_names_the_field(bad):
     ({"use_rslora": True, "rank_pattern": {"0\\..*": 2}}, "rank_pattern"),
 ])
 def test_conversion_refused_by_name(extra, message, tmp_path):
+    """A refused conversion leaves the initial folder's config as it was (and writes nothing)."""
     config = peftkit.LoraConfig(**{**kwargs_for("llama", "pissa"), **extra})
     ours = peftkit.get_peft_model(make_model("llama"), config)
     ours.save_pretrained(tmp_path / "init")
+    before = (tmp_path / "init" / "adapter_config.json").read_text()
     with pytest.raises(UserError, match=message):
         ours.save_pretrained(tmp_path / "out",
                              path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert (tmp_path / "init" / "adapter_config.json").read_text() == before
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_conversion_with_a_mismatched_initial_folder_leaves_it_alone(tmp_path):
+    config = lambda targets: peftkit.LoraConfig(  # noqa: E731
+        **{**kwargs_for("llama", "pissa"), "target_modules": targets})
+    peftkit.get_peft_model(make_model("llama"), config(["q_proj"])).save_pretrained(
+        tmp_path / "init")
+    before = (tmp_path / "init" / "adapter_config.json").read_text()
+    ours = peftkit.get_peft_model(make_model("llama"), config(["q_proj", "v_proj"]))
+    with pytest.raises(UserError, match="the initial adapter has no"):
+        ours.save_pretrained(tmp_path / "out",
+                             path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert (tmp_path / "init" / "adapter_config.json").read_text() == before
+
+
+def test_conversion_of_a_non_lora_adapter_names_it(tmp_path):
+    ours = peftkit.get_peft_model(make_model("llama"), peftkit.IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    with pytest.raises(ValueError, match="adapter 'default' is IA3"):
+        ours.save_pretrained(tmp_path / "out",
+                             path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_run_refuses_an_unconvertible_config_before_init(tmp_path):
