@@ -1,7 +1,8 @@
 """Mixed-adapter batches: a different adapter for each row of one batch, at inference.
 
 `model(input_ids, adapter_names=["a", "b", "__base__", "a"])` runs row i with adapter
-`adapter_names[i]` as if it ran alone (`"__base__"`: the bare model), as Hugging Face PEFT's
+`adapter_names[i]` as if it ran alone (`"__base__"`: the bare model; after a LoRA init that
+changes the base, PiSSA or OLoRA, the residual base, as in PEFT), as Hugging Face PEFT's
 `adapter_names` does (its `LoraLayer._mixed_batch_forward`; multi-LoRA serving as in S-LoRA,
 Sheng et al., 2023, arXiv:2311.03285). The names travel in a context variable set by
 `PeftModel.forward` / `generate` for the length of the call, so every layer of the model's own

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, fast, hf_trainer, hub, mixed, quant
-from .config import PeftConfig, TaskType
+from .config import PeftConfig, PeftType, TaskType
 from .fast import loss as fast_loss
 from .methods import pissa
 from .methods.base import TunerLayer, replace_module
@@ -97,8 +97,9 @@ class PeftModel(nn.Module):
     (`quant.avoid_cpu_packing_`).
 
     `forward` and `generate` take `adapter_names=[...]`, one adapter name per row (`"__base__"`:
-    the bare model), to run a batch whose rows use different adapters, in inference
-    (`peftkit.mixed`); such a call takes the model's own forward, not the fused loss.
+    the bare model, the residual base after a PiSSA/OLoRA init, as in PEFT), to run a batch
+    whose rows use different adapters, in inference (`peftkit.mixed`); such a call takes the
+    model's own forward, not the fused loss.
     """
 
     # transformers' Trainer reads this to accept training a quantized base with adapters on top.
@@ -205,7 +206,9 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Context manager: inside it the model computes exactly the base model's outputs."""
+        """Context manager: inside it the model computes exactly the base model's outputs, except
+        after a LoRA init that changes the base (PiSSA, OLoRA: `methods.pissa`), where it gives
+        the residual base's outputs, as in PEFT."""
         layers = list(self._layers())
         for layer in layers:
             layer.set_disabled(True)
@@ -317,7 +320,8 @@ class PeftModel(nn.Module):
         `path_initial_model_for_weight_conversion`: the folder of a PiSSA/OLoRA adapter saved
         right after init; each adapter is saved as the plain rank-2r LoRA that gives the same
         model on the untouched base (`methods.pissa.lora_from_mutated`), and, as PEFT does, that
-        folder's config is rewritten with `init_lora_weights=True`."""
+        folder's config is rewritten with `init_lora_weights=True` once the conversion succeeded.
+        LoRA adapters only: another type is a ValueError, raised before anything is written."""
         if not safe_serialization:
             warnings.warn("peftkit writes safetensors only; ignoring safe_serialization=False",
                           stacklevel=2)
@@ -331,6 +335,15 @@ class PeftModel(nn.Module):
         unknown = sorted(set(names) - set(self.peft_config))
         if unknown:
             raise ValueError(f"no adapters {unknown}; have {sorted(self.peft_config)}")
+        if path_initial_model_for_weight_conversion is not None:
+            for name in names:  # refuse before anything is written
+                config = self.peft_config[name]
+                if config.peft_type != PeftType.LORA:
+                    raise ValueError(
+                        f"path_initial_model_for_weight_conversion converts PiSSA/OLoRA LoRA "
+                        f"adapters; adapter {name!r} is {config.peft_type.value}: save it without "
+                        "that argument (or select the LoRA adapters with selected_adapters)")
+                pissa.check_convertible(config)
         for name in names:
             tensors = self.adapter_tensors(name)
             if state_dict:  # DeepSpeed hands over {} when it gathered nothing
@@ -342,9 +355,10 @@ class PeftModel(nn.Module):
             config = self.peft_config[name]
             if path_initial_model_for_weight_conversion is not None:
                 initial = path_initial_model_for_weight_conversion
-                pissa.initial_config(config).save_pretrained(initial)
-                config, tensors = pissa.lora_from_mutated(config, tensors,
-                                                          checkpoint.load_tensors(initial))
+                converted, tensors = pissa.lora_from_mutated(config, tensors,
+                                                             checkpoint.load_tensors(initial))
+                pissa.initial_config(config).save_pretrained(initial)  # only once converted
+                config = converted
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out, exist_ok=True)
             checkpoint.save_tensors(tensors, os.path.join(out, checkpoint.WEIGHTS_NAME))

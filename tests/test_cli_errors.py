@@ -155,3 +155,12 @@ def test_debug_shows_the_traceback(model_dir, data, tmp_path):
     with pytest.raises(UserError, match="no such file or folder"):
         cli.main(train(model_dir, str(tmp_path / "missing.jsonl"), str(tmp_path / "o"))
                  + ["--debug"])
+
+
+def test_unconvertible_pissa_run_is_refused_before_the_model_loads(model_dir, data, tmp_path,
+                                                                    capsys):
+    """`peftkit train` converts a PiSSA/OLoRA adapter to plain LoRA at the end of the run; DoRA's
+    does not convert, so the run is refused before it starts (`pissa.check_convertible`)."""
+    fails(capsys, train(model_dir, data, tmp_path / "o", "--use-dora", "--init-lora-weights",
+                        "pissa"), "use_dora=True cannot be converted")
+    assert not os.path.exists(tmp_path / "o")

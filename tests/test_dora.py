@@ -201,26 +201,42 @@ def test_fused_dora_matches_the_closed_form_with_its_mask(p, bias):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_and_stock_dora_give_the_same_values(p):
-    """The speed layer's DoRA function against the stock autograd path on the same layer: same
-    output in eval mode; in training with dropout 0 also the same gradients."""
-    layer = dora_layer(True, p)
-    x = torch.randn(4, 8)
+def test_fused_and_stock_dora_give_the_same_values(p, monkeypatch):
+    """The speed layer's DoRA function against the stock autograd path on the same layer: the
+    same output in eval mode, and in training the same output and gradients (x, A, B, m). The
+    two paths draw their dropout masks differently (`lora_fn.keep_mask` against torch's
+    dropout), so with p > 0 both are patched to apply one shared keep-mask."""
+    from peftkit.fast import dora_fn
+
+    layer = dora_layer(False, p)
+    x = torch.randn(4, 8, requires_grad=True)
+    keep = torch.rand(4, 8, generator=torch.Generator().manual_seed(3)) >= p
+    monkeypatch.setattr(dora_fn, "keep_mask", lambda shape, p_, device: keep.view(shape))
+    monkeypatch.setattr(torch.nn.functional, "dropout",
+                        lambda t, p_, training=True, inplace=False:
+                        t * keep / (1 - p_) if training else t)
+    w = torch.randn(4, 6)
     results = []
     for fused in (True, False):
         layer.use_lora_function = fused
         layer.zero_grad()
+        x.grad = None
         layer.eval()
         with torch.no_grad():
             evaluated = layer(x)
         layer.train()
-        if p == 0:
-            layer(x).pow(2).sum().backward()
-        results.append((evaluated, [q.grad for q in layer.parameters() if q.requires_grad]))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
-    for g, e in zip(results[0][1], results[1][1]):
-        if p == 0:
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        trained = layer(x)
+        (trained * w).sum().backward()
+        grads = [x.grad] + [q.grad for q in layer.parameters() if q.requires_grad]
+        results.append((evaluated, trained.detach(), grads))
+    (fused_eval, fused_out, fused_grads), (eval_, out, grads) = results
+    torch.testing.assert_close(fused_eval, eval_, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_out, out, rtol=1e-6, atol=1e-6)
+    if p:
+        assert not torch.allclose(fused_out, fused_eval)  # the mask did drop something
+    assert len(fused_grads) == 4
+    for g, e in zip(fused_grads, grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 def test_training_gradients_equal_peft_with_trainable_bias(tokens, tmp_path):

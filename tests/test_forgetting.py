@@ -54,3 +54,20 @@ def test_batched_greedy_answers_equal_one_at_a_time(tiny):
     assert batched == single
     assert generate_batch(base, tokenizer, prompts, 12) == [
         tokenizer.decode(ids, skip_special_tokens=True) for ids in single]
+
+
+def test_fresh_pissa_model_has_zero_forgetting(tiny, model_dir):
+    """A PiSSA init moves part of the base into the adapter, so the disabled adapter is the
+    residual base, not the untouched model: `peftkit train --forgetting` reloads the untouched
+    model for such an init (`run._forgetting`), and right after init the drift is 0."""
+    import argparse
+
+    from peftkit.train import run
+
+    base, tokenizer = tiny
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    peft = get_peft_model(copy.deepcopy(base), config).eval()
+    args = argparse.Namespace(model=model_dir, eval_batch_size=None, batch_size=8)
+    assert forgetting.measure(peft, tokenizer) > 1e-5  # against the residual base
+    kl = run._forgetting(peft, tokenizer, args, {"dtype": torch.float32}, config)
+    assert abs(kl) < 1e-6  # fp32 rounding of the residual only

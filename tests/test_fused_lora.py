@@ -308,7 +308,7 @@ def test_no_counted_token_as_stock(num_items_in_batch):
 def test_fused_loss_refuses_second_derivatives():
     """Its backward uses gradients saved in the forward pass, constants to autograd: asked for a
     graph of its gradient (for a second derivative) it raises instead of silently missing the
-    cross-entropy's Hessian. The LoRA function and the lean SwiGLU likewise."""
+    cross-entropy's Hessian. The LoRA and DoRA functions and the lean SwiGLU likewise."""
     from peftkit.fast.loss import LinearCrossEntropy
 
     g = torch.Generator().manual_seed(0)
@@ -331,6 +331,13 @@ def test_fused_loss_refuses_second_derivatives():
 
     with pytest.raises(RuntimeError, match="SiluMul .* has no second derivative"):
         torch.autograd.grad(SiluMul.apply(a, a).sum(), a, create_graph=True)
+    from peftkit.fast.dora_fn import dora_forward
+
+    # The incoming gradient (ones) needs no grad, so torch's once_differentiable let it through.
+    m, norm = torch.rand(3, requires_grad=True), torch.rand(3) + 1
+    out = dora_forward(torch.randn(6, 3), hidden, a, b, m, norm, None, None, 2.0, 0.0)
+    with pytest.raises(RuntimeError, match="DoraFunction .* has no second derivative"):
+        torch.autograd.grad(out.sum(), hidden, create_graph=True)
 
 
 @pytest.mark.parametrize("model_type, attr, value", [

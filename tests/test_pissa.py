@@ -153,12 +153,74 @@ def test_bad_init_names_the_field(bad):
     ({"use_rslora": True, "rank_pattern": {"0\\..*": 2}}, "rank_pattern"),
 ])
 def test_conversion_refused_by_name(extra, message, tmp_path):
+    """A refused conversion leaves the initial folder's config as it was (and writes nothing)."""
     config = peftkit.LoraConfig(**{**kwargs_for("llama", "pissa"), **extra})
     ours = peftkit.get_peft_model(make_model("llama"), config)
     ours.save_pretrained(tmp_path / "init")
+    before = (tmp_path / "init" / "adapter_config.json").read_text()
     with pytest.raises(UserError, match=message):
         ours.save_pretrained(tmp_path / "out",
                              path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert (tmp_path / "init" / "adapter_config.json").read_text() == before
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_conversion_with_a_mismatched_initial_folder_leaves_it_alone(tmp_path):
+    config = lambda targets: peftkit.LoraConfig(  # noqa: E731
+        **{**kwargs_for("llama", "pissa"), "target_modules": targets})
+    peftkit.get_peft_model(make_model("llama"), config(["q_proj"])).save_pretrained(
+        tmp_path / "init")
+    before = (tmp_path / "init" / "adapter_config.json").read_text()
+    ours = peftkit.get_peft_model(make_model("llama"), config(["q_proj", "v_proj"]))
+    with pytest.raises(UserError, match="the initial adapter has no"):
+        ours.save_pretrained(tmp_path / "out",
+                             path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert (tmp_path / "init" / "adapter_config.json").read_text() == before
+
+
+def test_conversion_of_a_non_lora_adapter_names_it(tmp_path):
+    ours = peftkit.get_peft_model(make_model("llama"), peftkit.IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    with pytest.raises(ValueError, match="adapter 'default' is IA3"):
+        ours.save_pretrained(tmp_path / "out",
+                             path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_run_refuses_an_unconvertible_config_before_init(tmp_path):
+    """`start_run` checks what `finish_run` will convert before the init (and training)."""
+    config = peftkit.LoraConfig(**{**kwargs_for("llama", "pissa"), "use_rslora": True,
+                                   "rank_pattern": {"0\\..*": 2}})
+    with pytest.raises(UserError, match="rank_pattern"):
+        peftkit.methods.pissa.start_run(make_model("llama"), config, str(tmp_path / "out"), None,
+                                        True)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_resume_from_another_run_uses_its_initial_adapter(tmp_path):
+    """`--resume /other/run/checkpoint-N` rebuilds the residual from /other/run/initial_adapter
+    (the random pissa_niter_N differs from a new init) and copies it into the output dir for the
+    conversion at the end; with none there nor in the output dir, the error names both."""
+    pissa = peftkit.methods.pissa
+    config = lambda: peftkit.LoraConfig(**kwargs_for("llama", "pissa_niter_2"))  # noqa: E731
+    torch.manual_seed(0)
+    first = pissa.start_run(make_model("llama"), config(), str(tmp_path / "other"), None, True)
+    checkpoint = tmp_path / "other" / "checkpoint-2"
+    checkpoint.mkdir()
+    torch.manual_seed(1)
+    out = tmp_path / "out"
+    resumed = pissa.start_run(make_model("llama"), config(), str(out), str(checkpoint), True)
+    mine, theirs = resumed.state_dict(), first.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=1e-6)
+    assert os.path.isfile(out / "initial_adapter" / "adapter_model.safetensors")
+    lone = tmp_path / "lone" / "checkpoint-2"
+    lone.mkdir(parents=True)
+    with pytest.raises(UserError) as err:
+        pissa.start_run(make_model("llama"), config(), str(tmp_path / "new"), str(lone), True)
+    for place in (tmp_path / "lone" / "initial_adapter", tmp_path / "new" / "initial_adapter"):
+        assert str(place) in str(err.value)
 
 
 def train(model_dir, data, out, *extra):
@@ -227,7 +289,8 @@ def test_kbit_base_refused_by_name(init):
     model = nn.Sequential()
     model.add_module("proj", layer.to("cpu"))
     config = peftkit.LoraConfig(r=4, target_modules=["proj"], init_lora_weights=init)
-    with pytest.raises(UserError, match="k-bit"):
+    who = "PEFT refuses PiSSA there too" if init == "pissa" else "peftkit does not compute OLoRA"
+    with pytest.raises(UserError, match=f"k-bit layer: {who}"):
         peftkit.get_peft_model(model, config)
 
 

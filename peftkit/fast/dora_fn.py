@@ -39,9 +39,8 @@ The math runs in the adapters' dtype, the result is cast to y's dtype. The dropo
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .amp import custom_bwd, custom_fwd
+from .amp import custom_bwd, custom_fwd, first_order_only
 from .lora_fn import _mask_, _masked, keep_mask, pack_bits, unpack_bits
 
 
@@ -82,7 +81,7 @@ class DoraFunction(torch.autograd.Function):
         return out.view(*y.shape[:-1], out.shape[-1])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only  # saved tensors are constants to autograd: no 2nd derivative
     @custom_bwd
     def backward(ctx, grad_out):
         x, h, weight_a, weight_b, f, norm, base, packed, weight = ctx.saved_tensors

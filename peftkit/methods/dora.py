@@ -76,6 +76,14 @@ class DoraVariant:
         layer.lora_magnitude_vector[name] = Magnitude(norm)
 
     @staticmethod
+    def fused(layer: "LoraLinear", name: str) -> bool:
+        """Whether `forward` runs through `fast.dora_fn.DoraFunction`: the speed layer's LoRA
+        function is on and no hook of A, B, the dropout or the magnitude would be skipped."""
+        return (layer.use_lora_function and lora_fn.fusable(
+            layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name])
+            and bypassable(layer.lora_magnitude_vector[name], Magnitude))
+
+    @staticmethod
     def forward(layer: "LoraLinear", name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + (f - 1) * W0 x + f * s * B A x, x: (..., in), y: (..., out) the base output.
 
@@ -85,8 +93,7 @@ class DoraVariant:
         a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
         magnitude = layer.lora_magnitude_vector[name]
         scaling = layer.scaling[name]
-        if (layer.use_lora_function and lora_fn.fusable(a, b, dropout)
-                and bypassable(magnitude, Magnitude)):
+        if DoraVariant.fused(layer, name):
             active = isinstance(dropout, nn.Dropout) and dropout.training and layer.training
             p = dropout.p if active else 0.0
             dense = layer.dense_weight()  # dequantized once (k-bit) for the norm and W0 x_d

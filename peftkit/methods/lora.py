@@ -339,6 +339,15 @@ class LoraLinear(WrappedLayer):
                 y = self._add_branch(name, x, y)
         return y
 
+    def fused(self, name: str) -> bool:
+        """Whether adapter `name`'s branch runs through the speed layer's autograd function
+        (`fast.lora_fn.LoraFunction`, or its variant's, e.g. `fast.dora_fn.DoraFunction`)."""
+        variant = self.variants.get(name)
+        if variant is not None:
+            return variant.fused(self, name)
+        return self.use_lora_function and lora_fn.fusable(
+            self.lora_A[name], self.lora_B[name], self.lora_dropout[name])
+
     def _add_branch(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + adapter `name`'s branch on x, in y's dtype: its variant's rule, else the LoRA
         function where `fusable`, else the submodules with PEFT's arithmetic (the branch in the
@@ -347,7 +356,7 @@ class LoraLinear(WrappedLayer):
         if variant is not None:
             return variant.forward(self, name, x, y).to(y.dtype)
         a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        if self.use_lora_function and lora_fn.fusable(a, b, dropout):
+        if self.fused(name):
             p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
             return lora_fn.lora_forward(y, x, a.weight, b.weight, self.scaling[name], p)
         return (y + b(a(dropout(x.to(a.weight.dtype)))) * self.scaling[name]).to(y.dtype)
@@ -436,13 +445,14 @@ class LoraSite:
     dtype: torch.dtype
     out_features: int = 0
     dora: bool = False  # DoRA: its magnitude scaling saves more (`planner.activations`)
+    fused: bool = True  # the branch runs through the speed layer's autograd function
 
 
 def planner_sites(model: nn.Module) -> list[LoraSite]:
     """The active LoRA branches of `model`, for the memory plan."""
     return [LoraSite(path, m.in_features, m.r[name], getattr(m.lora_dropout[name], "p", 0.0),
                      m.lora_A[name].weight.dtype, m.out_features,
-                     name in m.lora_magnitude_vector)
+                     name in m.lora_magnitude_vector, m.fused(name))
             for path, m in model.named_modules() if isinstance(m, LoraLinear)
             for name in m.active_adapters]
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -65,10 +66,13 @@ def init_from_base(layer: "LoraLinear", name: str, init: str) -> None:
     if weight.device.type == "meta":  # `peftkit estimate` counts parameters only
         return
     if quant.kbit_kind(base) is not None:
+        why = ("PEFT refuses PiSSA there too" if init != "olora" else
+               "peftkit does not compute OLoRA on a quantized weight (PEFT 0.21 dequantizes it, "
+               "initialises and requantizes)")
         raise UserError(
             f"init_lora_weights={init!r} needs a full-precision base, not a bitsandbytes k-bit "
-            "layer: PEFT refuses PiSSA there too. Initialise on the fp16/bf16/fp32 model, save "
-            "the residual model (`unload()`), and quantize that instead")
+            f"layer: {why}. Initialise on the fp16/bf16/fp32 model, save the residual model "
+            "(`unload()`), and quantize that instead")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UserError(f"init_lora_weights={init!r}: the base weight is {weight.dtype}; "
                         "load the model in float32, float16 or bfloat16")
@@ -96,10 +100,38 @@ def init_from_base(layer: "LoraLinear", name: str, init: str) -> None:
         a = torch.diag(torch.sqrt(sv)) @ vh  # PEFT's expressions, for the same bits
         b = u @ torch.diag(torch.sqrt(sv))
     with torch.no_grad():
-        residual = (w - s * b @ a).to(weight.dtype)
-        weight.data = layer.out_in(residual).contiguous()
+        _set_residual(layer, b, a, s, w)
         layer.lora_A[name].weight.copy_(a.to(weight.dtype))
         layer.lora_B[name].weight.copy_(b.to(weight.dtype))
+
+
+def _set_residual(layer: "LoraLinear", b: torch.Tensor, a: torch.Tensor, scaling: float,
+                  w: torch.Tensor | None = None) -> None:
+    """Replace `layer`'s base weight W by W_res = W - scaling * B @ A, computed in fp32 and
+    rounded to the base dtype, in the base layout. B (out, r), A (r, in); `w`: W as (out, in)
+    fp32, if the caller has it."""
+    weight = layer.base_layer.weight
+    w = layer.out_in(weight.to(torch.float32)) if w is None else w
+    residual = (w - scaling * b.float() @ a.float()).to(weight.dtype)
+    weight.data = layer.out_in(residual).contiguous()
+
+
+def check_convertible(config: "LoraConfig") -> None:
+    """Refuse a config whose trained adapter `lora_from_mutated` cannot turn into plain LoRA:
+    DoRA (its magnitude does not add up), and rsLoRA with rank_pattern or alpha_pattern (as in
+    PEFT). `peftkit train` converts at the end of a PiSSA/OLoRA run, so it checks before
+    training (`start_run`)."""
+    if config.use_dora:
+        raise UserError("a PiSSA/OLoRA adapter with use_dora=True cannot be converted to plain "
+                        "LoRA (DoRA's magnitude does not add up), as `peftkit train` and "
+                        "save_pretrained(path_initial_model_for_weight_conversion=...) do: use "
+                        "DoRA with another init, or (Python API) save without the conversion "
+                        "and keep the residual model")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise UserError("converting a PiSSA/OLoRA adapter to plain LoRA (`peftkit train` does at "
+                        "its end; save_pretrained(path_initial_model_for_weight_conversion=...)) "
+                        "does not work with use_rslora together with rank_pattern or "
+                        "alpha_pattern (as in PEFT): train without one of them")
 
 
 def lora_from_mutated(config: "LoraConfig", tensors: dict[str, torch.Tensor],
@@ -108,14 +140,7 @@ def lora_from_mutated(config: "LoraConfig", tensors: dict[str, torch.Tensor],
     adapter `tensors` (file keys) whose initial A0, B0 are in `initial` (the module docstring).
 
     Other tensors (biases, modules_to_save) are kept as they are; PEFT drops them."""
-    if config.use_dora:
-        raise UserError("converting a PiSSA/OLoRA adapter to LoRA with use_dora=True is not "
-                        "possible (DoRA's magnitude does not add up); save it without "
-                        "path_initial_model_for_weight_conversion and keep the residual model")
-    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise UserError("path_initial_model_for_weight_conversion does not work with "
-                        "use_rslora together with rank_pattern or alpha_pattern (as in PEFT): "
-                        "train without one of them")
+    check_convertible(config)
     init = config.init_lora_weights
     if not (init is True or valid(init)):
         warnings.warn(f"path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters; "
@@ -177,7 +202,7 @@ def get_peft_model_from_initial(model: "nn.Module", config: "LoraConfig",
     residual it started with, also for the random `pissa_niter_N`. The adapter holds A0, B0."""
     from ..model import get_peft_model
 
-    if not os.path.isfile(os.path.join(initial_dir, checkpoint.WEIGHTS_NAME)):
+    if not _has_adapter(initial_dir):
         raise UserError(f"resuming a run with init_lora_weights={config.init_lora_weights!r} "
                         f"needs its initial adapter in {initial_dir}; start the run again "
                         "with --overwrite")
@@ -193,27 +218,54 @@ def get_peft_model_from_initial(model: "nn.Module", config: "LoraConfig",
     with torch.no_grad():
         for layer in peft_model.modules():
             if isinstance(layer, LoraLinear) and "default" in layer.lora_A:
-                weight = layer.base_layer.weight
-                a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-                w = layer.out_in(weight.to(torch.float32))
-                residual = w - layer.scaling["default"] * b.float() @ a.float()
-                weight.data = layer.out_in(residual.to(weight.dtype)).contiguous()
+                _set_residual(layer, layer.lora_B["default"].weight,
+                              layer.lora_A["default"].weight, layer.scaling["default"])
     return peft_model
+
+
+def _has_adapter(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, checkpoint.WEIGHTS_NAME))
+
+
+def resumed_initial(resume: str, output_dir: str) -> str:
+    """The initial adapter of the run that wrote checkpoint `resume`: `initial_adapter/` next to
+    it (`--resume /other/run/checkpoint-N`), else the one in `output_dir` with a warning (a
+    checkpoint copied out of its run: right for the deterministic "pissa" and "olora", a
+    different residual for `pissa_niter_N` unless it is the same run's)."""
+    beside = os.path.join(os.path.dirname(os.path.normpath(resume)), INITIAL_DIR)
+    here = os.path.join(output_dir, INITIAL_DIR)
+    if _has_adapter(beside):
+        return beside
+    if _has_adapter(here):
+        warnings.warn(f"no {INITIAL_DIR} next to {resume}; resuming on the initial adapter in "
+                      f"{here}, which must be the init of the run that wrote it", stacklevel=3)
+        return here
+    places = beside if os.path.abspath(beside) == os.path.abspath(here) \
+        else f"{beside} nor in {here}"
+    raise UserError(f"resuming {resume}, a PiSSA/OLoRA run, needs the initial adapter it started "
+                    f"from; there is none in {places}. Copy that run's {INITIAL_DIR}/ next to "
+                    "the checkpoint, or start again with --overwrite")
 
 
 def start_run(model: "nn.Module", config: Any, output_dir: str, resume: str | None,
               main: bool) -> "nn.Module":
     """`peftkit train`'s `get_peft_model`. For a PiSSA/OLoRA config the main process saves the
-    init in `output_dir/initial_adapter/`, and a resumed run rebuilds its residual base from it.
+    init in `output_dir/initial_adapter/`, and a resumed run rebuilds its residual base from the
+    one next to its checkpoint (`resumed_initial`, copied into `output_dir`).
     The `checkpoint-N/` folders hold the adapter as trained (config `init_lora_weights="pissa"`):
     loading one onto the untouched base re-runs the init, exact for "pissa" and "olora" only."""
     from ..model import get_peft_model
 
     if not mutates_base(config):
         return get_peft_model(model, config)
+    check_convertible(config)  # `finish_run` converts; refuse now rather than after training
     initial = os.path.join(output_dir, INITIAL_DIR)
     if resume:
-        return get_peft_model_from_initial(model, config, initial)
+        found = resumed_initial(resume, output_dir)
+        peft_model = get_peft_model_from_initial(model, config, found)
+        if main and os.path.abspath(found) != os.path.abspath(initial):
+            shutil.copytree(found, initial, dirs_exist_ok=True)  # for `finish_run`
+        return peft_model
     peft_model = get_peft_model(model, config)
     if main:
         save_initial(peft_model, initial)

@@ -19,6 +19,8 @@ I the MLP size, a the LoRA dtype's bytes:
     each LoRA      a*r (A's output) and, with dropout, the keep-mask packed as bits (in/8);
                    its input x itself is saved once for every user of x (peftkit's LoRA function,
                    `peftkit.fast.lora_fn`, keeps no dropped or cast copy)
+    each DoRA      a*out more through `peftkit.fast.dora_fn` (and 2*a*out per layer, not per
+                   token); more, approximately, on the stock autograd path (`_dora_bytes`)
 
 An op saves for backward only when one of its inputs needs a gradient, so each term above counts
 only where the gradient flows: with frozen embeddings (no prompt) the first layer saves nothing
@@ -86,21 +88,37 @@ class Arch:
 def _branch_bytes(sites: list) -> tuple[int, bool]:
     """(bytes per token the LoRA branches `sites` save besides x, whether they save x): A's output
     (a*r) and, with dropout, the keep-mask as bits (in/8); x itself is shared. A DoRA branch
-    (approximate, see `_dora_bytes`) saves more."""
+    saves more (`_dora_bytes`)."""
     own = sum(s.dtype.itemsize * s.r + (s.in_features // 8 if s.dropout > 0 else 0)
               + (_dora_bytes(s) if s.dora else 0) for s in sites)
     return own, bool(sites)
 
 
 def _dora_bytes(site) -> int:
-    """What a DoRA branch saves beyond LoRA's, per token (`methods.dora.DoraVariant.forward`):
-    W0 x and B A x, both (out,) in the adapter dtype, which the trained magnitude multiplies;
-    with dropout the dropped copy of x (a*in) and a byte mask instead of a bit mask. Approximate:
-    within 5% of autograd's count in fp32 (`tests/test_planner.py`); over a 16-bit base it leaves
-    out the fp32 casts of x and W0 that DoRA saves (up to a quarter of the activations)."""
+    """What a DoRA branch saves beyond LoRA's, per token.
+
+    Fused (`site.fused`, `fast.dora_fn.DoraFunction`, the speed layer's default): one (out,)
+    tensor in the adapter dtype (W0 x, or (1 - p) W0 x_d with dropout); x, A's output and the
+    bit mask are LoRA's. Exact; the (out,) factor and norm it keeps per layer are
+    `_dora_constant`'s. Over a k-bit base with dropout it also keeps the dequantized W0 (out, in)
+    per layer, which this leaves out.
+
+    Stock (`methods.dora.DoraVariant.forward`, autograd on PEFT's expression): W0 x and B A x,
+    both (out,) in the adapter dtype, which the trained magnitude multiplies; with dropout the
+    dropped copy of x (a*in) and a byte mask instead of a bit mask. Approximate: within 5% of
+    autograd's count in fp32 (`tests/test_planner.py`); over a 16-bit base it leaves out the fp32
+    casts of x and W0 that DoRA saves (up to a quarter of the activations)."""
     a = site.dtype.itemsize
+    if site.fused:
+        return a * site.out_features
     extra = site.in_features * (a + 1) - site.in_features // 8 if site.dropout > 0 else 0
     return 2 * a * site.out_features + extra
+
+
+def _dora_constant(sites: list) -> int:
+    """Bytes the fused DoRA branches among `sites` keep whatever the batch: f = m / norm and the
+    norm, (out,) each in the adapter dtype."""
+    return sum(2 * s.dtype.itemsize * s.out_features for s in sites if s.dora and s.fused)
 
 
 def _layer_bytes(arch: Arch, e: int, full: bool, sites: list, grad_in: bool,
@@ -187,7 +205,7 @@ def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad
         rotary = rotary or grad or full or any(
             s.path.rsplit(".", 1)[-1] in _ATTN_IN[:2] for s in sites)
         saved, grad = _layer_bytes(arch, e, full, sites, grad, lean_mlp)
-        per_layer.append(saved)
+        per_layer.append(tokens * saved + _dora_constant(sites))
     h = arch.hidden
     if arch.exact:  # final norm, embedding indices, rotary cos/sin
         fixed = tokens * ((4 * h + 4 if grad else 0) + (2 * e * h + 8 if full else 0))
@@ -196,9 +214,10 @@ def activations(arch: Arch, e: int, batch: int, seq: int, full: bool, input_grad
         fixed = tokens * e * h
     own, uses_x = _branch_bytes(by_layer.get(None, []))
     fixed += tokens * (own + (e * h if uses_x and not full else 0))
+    fixed += _dora_constant(by_layer.get(None, []))
     return Activations(
-        layers=tokens * sum(per_layer),
-        largest_layer=tokens * max(per_layer),
+        layers=sum(per_layer),
+        largest_layer=max(per_layer),
         fixed=fixed,
         checkpoints=arch.layers * (tokens * e * h + CPU_RNG_STATE),
     )

@@ -58,8 +58,9 @@ def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def measure(model, tokenizer, untouched=None, batch_size: int = 8) -> float:
     """Mean per-token KL(untouched || model) on the untouched model's answers (module docstring).
-    `untouched`: the model before training; None when `model` is a `PeftModel`, whose base then
-    answers with its adapters disabled. Both in eval mode."""
+    `untouched`: the model before training; None when `model` is a `PeftModel` whose base is
+    untouched (not after a PiSSA/OLoRA init), which then answers with its adapters disabled. Both
+    in eval mode."""
     scope = model.disable_adapter if untouched is None else contextlib.nullcontext
     base = model if untouched is None else untouched
     pad = tokenizer.pad_token_id

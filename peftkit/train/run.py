@@ -3,8 +3,9 @@ model + method -> Trainer -> adapter + summary -> optional extras.
 
 Files in the output directory: the adapter (PEFT layout) or, for `--method full`, the whole
 model; for a LoRA init that changes the base (PiSSA, OLoRA) the adapter converted to plain LoRA
-and the init in `initial_adapter/` (`methods.pissa.start_run`); the tokenizer; `checkpoint-N/` folders; `metrics.jsonl`; `run_summary.json`; then
-`loss_curve.png` when matplotlib is installed. Under torchrun every rank trains and only rank 0
+and the init in `initial_adapter/` (`methods.pissa.start_run`); the tokenizer; `checkpoint-N/`
+folders; `metrics.jsonl`; `run_summary.json`; then `loss_curve.png` when matplotlib is
+installed. Under torchrun every rank trains and only rank 0
 writes.
 
 The output dir belongs to one run at a time (`outdir.claim`, held by rank 0). `--overwrite`
@@ -223,6 +224,8 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     args.report_to = available_report_to(args.report_to)
     config = spec.build_config({**method_opts,
                                 "tokenizer_name_or_path": loading.model_path(args.model)})
+    if pissa.mutates_base(config):  # the run ends converting the adapter (`pissa.finish_run`)
+        pissa.check_convertible(config)
     tokenizer = loading.load_tokenizer(loading.model_path(args.model))
     data = load_examples(args.data, tokenizer, args.max_length)
     eval_data, test_data = (load_examples(path, tokenizer, args.max_length) if path else None
@@ -287,7 +290,8 @@ def _train(args: argparse.Namespace, held: contextlib.ExitStack) -> dict:
     if test_data and trainer.is_world_process_zero():
         metrics.update(_test_metrics(model.eval(), tokenizer, test_data, args))
         if args.forgetting:
-            metrics["forgetting_kl"] = _forgetting(model, tokenizer, args, load_kwargs)
+            metrics["forgetting_kl"] = _forgetting(model, tokenizer, args, load_kwargs,
+                                                   config)
 
     summary = {
         "method": args.method, "model": args.model or "SmolLM2-135M-Instruct",
@@ -318,12 +322,15 @@ def _test_metrics(model, tokenizer, data, args: argparse.Namespace) -> dict:
             "test_rows": result["n"]}
 
 
-def _forgetting(model, tokenizer, args: argparse.Namespace, load_kwargs: dict) -> float:
-    """`forgetting.measure`; full fine-tuning reloads the untouched model to compare with."""
+def _forgetting(model, tokenizer, args: argparse.Namespace, load_kwargs: dict,
+                config=None) -> float:
+    """`forgetting.measure`; full fine-tuning, and a LoRA init that changed the base (PiSSA,
+    OLoRA: the disabled adapter gives the residual base), reload the untouched model to compare
+    with."""
     from .forgetting import measure
 
     untouched = None
-    if not isinstance(model, PeftModel):
+    if not isinstance(model, PeftModel) or pissa.mutates_base(config):
         untouched = loading.load_model(args.model, **load_kwargs).eval()
     return measure(model, tokenizer, untouched, args.eval_batch_size or args.batch_size)
 
