@@ -107,6 +107,7 @@ def test_plan_run_watch_stop_and_chat(page, tmp_path):
         # Try: the last checkpoint and the base model answer the same message
         # (the stop may have cut the last save short: the page offers only finished ones)
         checkpoint = last_complete_checkpoint(str(runs / "tiny-lora"))
+        assert checkpoint, os.listdir(runs / "tiny-lora")  # the run saved at step 2 before the stop
         page.click("nav button[data-tab=try]")
         page.wait_for_selector(f"#adapters option[value='tiny-lora/{os.path.basename(checkpoint)}']",
                                state="attached")
