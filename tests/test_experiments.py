@@ -189,6 +189,9 @@ def test_seeds_option_takes_a_count_or_a_list():
     for bad in ("0", "1,1", "-1,2", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             options.seed_list(bad)
+    assert len(options.seed_list("10")) == 10
+    with pytest.raises(argparse.ArgumentTypeError, match="--seeds 42,"):  # seed 42, not 42 runs
+        options.seed_list("42")
 
 
 def test_presets_are_their_base_method_with_extra_flags(tmp_path):

@@ -32,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--grad-accum", type=int, default=1, help="accumulation steps (default: 1)")
     b.add_argument("--max-length", type=int, default=256, help="tokens per row (default: 256)")
     b.add_argument("--seeds", type=seed_list, default=[1], metavar="N|S1,S2,...",
-                   help="train every method once per seed: N means seeds 1..N, a list names them "
-                        "(default: 1); results give each method's mean and 95%% interval")
+                   help="train every method once per seed: N (up to 10) means seeds 1..N, a list "
+                        "names them, one seed is S, (trailing comma; default: 1); results give "
+                        "each method's mean and 95%% interval")
     b.add_argument("--max-new-tokens", type=int,
                    help="answer length at evaluation (default: the task's, 64 for --data)")
     o = p.add_argument_group("per-method settings")
@@ -69,6 +70,9 @@ def setup(args: argparse.Namespace) -> Setup:
                  max_new_tokens=args.max_new_tokens or task.max_new_tokens)
 
 
+MAX_SEED_COUNT = 10  # a larger count is a list: "1,2,...,12"
+
+
 def seed_list(text: str) -> list[int]:
     """`--seeds`: "3" -> [1, 2, 3]; "7,8" -> [7, 8] (a single seed S: "S,")."""
     try:
@@ -78,6 +82,10 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: a count or comma-separated seeds") from None
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: distinct seeds >= 0, at least one")
+    if "," not in text and len(seeds) > MAX_SEED_COUNT:  # most likely meant as one seed
+        raise argparse.ArgumentTypeError(
+            f"{text!r} would train every method {len(seeds)} times (seeds 1..{len(seeds)}); "
+            f"for seed {text} alone write --seeds {text},; counts go up to {MAX_SEED_COUNT}")
     return seeds
 
 
