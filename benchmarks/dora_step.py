@@ -120,7 +120,7 @@ def report(args, times: dict[str, list[float]], memory: dict[str, dict]) -> str:
         t = med.get(v)
         mem = memory.get(v, {}).get("peak_mb")
         ratio = (lambda a, b: f"{a / b:.2f}x" if a is not None and b else "")
-        lines.append(f"| {v} | {t:.2f} | " if t is not None else f"| {v} | | ")
+        lines.append(f"| {v} | {t:.3g} | " if t is not None else f"| {v} | | ")
         lines[-1] += (f"{ratio(t, med.get('peftkit-lora'))} | {ratio(t, med.get('peft-dora'))} | "
                       + (f"{mem:,.0f}" if mem is not None else "") + " | "
                       + ratio(mem, memory.get("peft-dora", {}).get("peak_mb")) + " |")

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model} {args.batch}x{args.seq}, median of {args.rounds} alternating steps")
     for v, ts in times.items():
         med = statistics.median(ts)
-        print(f"{v:20s} {med:8.3f} s  {med / ref:.2f}x {variants[0]}")
+        print(f"{v:20s} {med:8.3g} s  {med / ref:.2f}x {variants[0]}")
 
 
 if __name__ == "__main__":
