@@ -193,10 +193,11 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(layer).__name__} is not a bitsandbytes k-bit linear layer")
 
 
-def requantize_(layer: nn.Module, weight: torch.Tensor) -> None:
+def requantize_(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """Replace `layer`'s stored weight by `weight` (out, in), quantized with the layer's own
     settings (4-bit: quant type, block size, double quantization, storage dtype; those it had
-    before a CPU packing); the new weight is in the plain layout."""
+    before a CPU packing); the new weight is in the plain layout. 4-bit: `weight` is cast to
+    `dtype` (default `source_dtype(layer)`) before quantizing, which dequantization returns."""
     bnb = require_bnb("re-quantizing a k-bit layer")
     kind = kbit_kind(layer)
     old = layer.weight
@@ -204,7 +205,7 @@ def requantize_(layer: nn.Module, weight: torch.Tensor) -> None:
         state = old.quant_state
         nested = state.original_nested if cpu_packed(layer) else state.nested
         new = bnb.nn.Params4bit(
-            weight.detach().to(source_dtype(layer)), requires_grad=False,
+            weight.detach().to(dtype or source_dtype(layer)), requires_grad=False,
             quant_type=state.quant_type, blocksize=state.blocksize, compress_statistics=nested,
             quant_storage=old.quant_storage, module=layer,
         )

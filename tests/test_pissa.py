@@ -2,6 +2,7 @@
 and residual base, files that cross both ways, the conversion to plain LoRA on save, merging,
 and `peftkit train --init-lora-weights`."""
 
+import copy
 import json
 import os
 
@@ -277,10 +278,8 @@ def test_resumed_pissa_run_matches_the_straight_run(model_dir, data, tmp_path):
     assert os.path.isdir(resumed / "checkpoint-4")
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_kbit_base_refused_by_name(init):
-    """PEFT refuses PiSSA on a 4-bit weight; peftkit refuses OLoRA there too (PEFT re-quantizes
-    the residual; initialise on the full-precision model instead)."""
+def test_kbit_base_refuses_pissa_by_name():
+    """PEFT refuses PiSSA on a k-bit weight; so does peftkit (OLoRA works there, below)."""
     bnb = pytest.importorskip("bitsandbytes")
     from torch import nn
 
@@ -288,10 +287,218 @@ def test_kbit_base_refused_by_name(init):
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, module=layer)
     model = nn.Sequential()
     model.add_module("proj", layer.to("cpu"))
-    config = peftkit.LoraConfig(r=4, target_modules=["proj"], init_lora_weights=init)
-    who = "PEFT refuses PiSSA there too" if init == "pissa" else "peftkit does not compute OLoRA"
-    with pytest.raises(UserError, match=f"k-bit layer: {who}"):
+    config = peftkit.LoraConfig(r=4, target_modules=["proj"], init_lora_weights="pissa")
+    with pytest.raises(UserError, match="k-bit layer: PEFT refuses PiSSA there too"):
         peftkit.get_peft_model(model, config)
+
+
+# -- OLoRA over a bitsandbytes k-bit base ---------------------------------------------------------
+KBIT = {  # name -> BitsAndBytesConfig kwargs (4-bit compute dtype = the load dtype)
+    "nf4_dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False),
+    "int8": dict(load_in_8bit=True),
+}
+KBIT_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def kbit_dir(tmp_path_factory):
+    """A tiny Llama whose linears have in_features a multiple of the 4-bit block (64), as in
+    tests/test_qlora.py (bitsandbytes' AVX512 CPU path misreads shorter rows)."""
+    path = tmp_path_factory.mktemp("tiny-llama-64")
+    peftkit.models.tiny_llama(0, hidden_size=64, intermediate_size=128).save_pretrained(path)
+    return path
+
+
+def load_kbit(path, kind, dtype=torch.float32):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = dict(KBIT[kind], **({"bnb_4bit_compute_dtype": dtype} if kind != "int8" else {}))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=BitsAndBytesConfig(**cfg), device_map="cpu", dtype=dtype)
+    return peftkit.quant.avoid_cpu_packing_(model.eval())
+
+
+def kbit_both(path, kind, dtype=torch.float32):
+    """(peftkit, peft) OLoRA models on the same fresh k-bit base."""
+    kw = dict(r=4, lora_alpha=8, target_modules=KBIT_TARGETS, init_lora_weights="olora")
+    ours = peftkit.get_peft_model(load_kbit(path, kind, dtype), peftkit.LoraConfig(**kw))
+    ref = peft.get_peft_model(load_kbit(path, kind, dtype), peft.LoraConfig(**kw))
+    return ours.eval(), ref.eval()
+
+
+def lora_bases(model):
+    """{path: k-bit base layer} of the adapted layers."""
+    return {n: m.base_layer for n, m in model.named_modules()
+            if hasattr(m, "lora_A") and peftkit.quant.kbit_kind(m.base_layer)}
+
+
+def kbit_logit_atol(expected, dtype):
+    """fp32: both libraries run the same bitsandbytes kernels on the same codes and fp32 adapters;
+    only the LoRA sum's order could differ (observed 0). bf16: PEFT rounds the LoRA output to bf16
+    before the sum, peftkit rounds the sum once: two bf16 steps of the largest logit, as in
+    tests/test_qlora.py::test_bf16_compute_matches_peft."""
+    return 1e-6 if dtype == torch.float32 else 2 * 2 ** -7 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("kind,dtype", [("nf4_dq", torch.float32), ("fp4", torch.float32),
+                                        ("int8", torch.float32), ("nf4_dq", torch.bfloat16)],
+                         ids=["nf4_dq", "fp4", "int8", "nf4_dq-bf16"])
+def test_kbit_olora_init_equals_peft(kind, dtype, kbit_dir, tokens):
+    """A, B bit for bit (QR of the dequantized weight in fp32, rounded to the 4-bit compute
+    dtype), and the base re-quantized from the fp32 residual to the very codes PEFT stores."""
+    ours, ref = kbit_both(kbit_dir, kind, dtype)
+    mine, theirs = ours.state_dict(), ref.state_dict()
+    lora_keys = [k for k in theirs if ".lora_" in k]
+    assert len(lora_keys) == 2 * 2 * len(KBIT_TARGETS)
+    for key in lora_keys:
+        assert mine[key].dtype == theirs[key].dtype and torch.equal(mine[key], theirs[key]), key
+    expected = logits(ref, tokens)  # a forward first: PEFT's int8 layer then takes the new scales
+    torch.testing.assert_close(logits(ours, tokens), expected, rtol=0,
+                               atol=kbit_logit_atol(expected, dtype))
+    bases, ref_bases = lora_bases(ours), lora_bases(ref)
+    assert bases.keys() == ref_bases.keys() and len(bases) == 2 * len(KBIT_TARGETS)
+    untouched = load_kbit(kbit_dir, kind, dtype)
+    for path, layer in bases.items():
+        w = peftkit.quant.dequantize_weight(layer)
+        assert torch.equal(w, peftkit.quant.dequantize_weight(ref_bases[path])), path
+        before = untouched.get_submodule(path.removeprefix("base_model.model."))
+        assert not torch.equal(w, peftkit.quant.dequantize_weight(before)), path  # re-quantized
+    b = ours.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert b.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["nf4_dq", "int8"])
+def test_kbit_olora_files_cross_both_ways(kind, kbit_dir, tokens, tmp_path):
+    """An adapter saved as trained loads onto the untouched k-bit base in either library, which
+    re-runs the (deterministic) init and re-quantization: the same model as the one saved."""
+    ours, ref = kbit_both(kbit_dir, kind)
+    perturb_trainable(ours)
+    perturb_trainable(ref, seed=4)
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "ref")
+    assert json.load(open(tmp_path / "ours" / "adapter_config.json"))["init_lora_weights"] \
+        == "olora"
+    in_peft = peft.PeftModel.from_pretrained(load_kbit(kbit_dir, kind), tmp_path / "ours").eval()
+    in_ours = peftkit.PeftModel.from_pretrained(load_kbit(kbit_dir, kind), tmp_path / "ref").eval()
+    torch.testing.assert_close(logits(in_peft, tokens), logits(ours, tokens), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(in_ours, tokens), logits(ref, tokens), rtol=0, atol=1e-6)
+
+
+def stored_absmax(state):
+    """The block scales a 4-bit weight's codes are multiplied by (double quantization undone)."""
+    import bitsandbytes as bnb
+
+    if state.nested:
+        return bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return state.absmax
+
+
+@pytest.mark.parametrize("kind", ["nf4_dq", "fp4"])
+def test_kbit_olora_conversion_on_save(kind, kbit_dir, tokens, tmp_path):
+    """The converted rank-2r LoRA is PEFT's file, and on the untouched 4-bit base W it gives
+    W + s(BA - B0A0), while the trained model computes Q(W - sB0A0) + sBA: per weight they differ
+    by the re-quantization error of the residual, which is within half the widest codebook gap
+    times its block's absmax, plus the stored absmax's own rounding (double quantization)."""
+    import bitsandbytes as bnb
+
+    ours, ref = kbit_both(kbit_dir, kind)
+    initial = {p: (layer.lora_B["default"].weight.detach().clone(),
+                   layer.lora_A["default"].weight.detach().clone(), layer.scaling["default"])
+               for p, layer in ours.named_modules() if isinstance(layer, LoraLinear)}
+    ours.peft_config["default"].init_lora_weights = True
+    ours.save_pretrained(tmp_path / "init")
+    ours.peft_config["default"].init_lora_weights = "olora"
+    perturb_trainable(ours)
+    ours.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(
+        tmp_path / "init"))
+    ref.load_state_dict({k: v for k, v in ours.state_dict().items() if ".lora_" in k},
+                        strict=False)
+    ref.save_pretrained(tmp_path / "ref", path_initial_model_for_weight_conversion=str(
+        tmp_path / "init"))
+    mine, theirs = (peftkit.checkpoint.load_tensors(tmp_path / d) for d in ("lora", "ref"))
+    assert mine.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(mine[key], theirs[key]), key
+
+    converted = peftkit.PeftModel.from_pretrained(load_kbit(kbit_dir, kind), tmp_path / "lora")
+    in_peft = peft.PeftModel.from_pretrained(load_kbit(kbit_dir, kind), tmp_path / "lora")
+    torch.testing.assert_close(logits(converted.eval(), tokens), logits(in_peft.eval(), tokens),
+                               rtol=0, atol=1e-6)
+    half_gap = bnb.functional.get_4bit_type(KBIT[kind]["bnb_4bit_quant_type"], device="cpu") \
+        .sort().values.diff().max().item() / 2
+    for path, (b0, a0, s) in initial.items():
+        trained, layer = ours.get_submodule(path), converted.get_submodule(path)
+        w = peftkit.quant.dequantize_weight(layer.base_layer)  # untouched
+        residual = w - s * b0 @ a0  # what the init re-quantized
+        gap = (w + layer.delta_weight("default")) - (
+            peftkit.quant.dequantize_weight(trained.base_layer) + trained.delta_weight("default"))
+        state = trained.base_layer.weight.quant_state
+        absmax = residual.abs().reshape(-1, state.blocksize).amax(dim=1, keepdim=True)
+        absmax_err = (stored_absmax(state).reshape(-1, 1) - absmax).abs()
+        bound = half_gap * absmax + absmax_err + 1e-5  # 1e-5: fp32 rounding of the deltas
+        assert (gap.abs().reshape(-1, state.blocksize) <= bound).all(), path
+        assert gap.abs().max() > 1e-4, path  # the re-quantization error is really there
+
+
+def test_kbit_olora_merges_as_qlora_does(kbit_dir, tokens):
+    """merge_and_unload(dequantize=True) is exact (fp32 summation order); merging into the
+    4-bit weight re-quantizes, with QLoRA's warning (its bound: tests/test_qlora.py)."""
+    ours, _ = kbit_both(kbit_dir, "nf4_dq")
+    perturb_trainable(ours)
+    expected = logits(ours, tokens)
+    merged = copy.deepcopy(ours).merge_and_unload(dequantize=True)
+    torch.testing.assert_close(logits(merged, tokens), expected, rtol=0, atol=1e-5)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        ours.merge_and_unload()
+
+
+def test_kbit_olora_resume_rebuilds_the_same_base(kbit_dir, tmp_path):
+    """`start_run` resuming rebuilds the re-quantized residual from initial_adapter/: the same
+    codes as the fresh init."""
+    pissa = peftkit.methods.pissa
+    config = lambda: peftkit.LoraConfig(r=4, target_modules=KBIT_TARGETS,  # noqa: E731
+                                        init_lora_weights="olora")
+    first = pissa.start_run(load_kbit(kbit_dir, "nf4_dq"), config(), str(tmp_path / "a"), None,
+                            True)
+    (tmp_path / "a" / "checkpoint-2").mkdir()
+    resumed = pissa.start_run(load_kbit(kbit_dir, "nf4_dq"), config(), str(tmp_path / "b"),
+                              str(tmp_path / "a" / "checkpoint-2"), True)
+    bases = lora_bases(resumed)
+    for path, layer in lora_bases(first).items():
+        assert torch.equal(peftkit.quant.dequantize_weight(layer),
+                           peftkit.quant.dequantize_weight(bases[path])), path
+
+
+def test_train_qlora_olora_saves_the_conversion(model_dir, data, tmp_path):
+    """`peftkit train --method qlora --init-lora-weights olora`: the final adapter is the plain
+    LoRA conversion of the last checkpoint (an OLoRA adapter, which PEFT loads by re-running the
+    init on the untouched 4-bit base); both libraries load either file to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    train(model_dir, data, out, "--method", "qlora", "--init-lora-weights", "olora",
+          "--max-steps", 2, "--save-steps", 2)
+    config = json.load(open(out / "adapter_config.json"))
+    assert (config["init_lora_weights"], config["r"], config["lora_alpha"]) == (True, 16, 32)
+    assert json.load(open(out / "checkpoint-2" / "adapter_config.json"))["init_lora_weights"] \
+        == "olora"
+    final, trained, initial = (peftkit.checkpoint.load_tensors(d) for d in (
+        out, out / "checkpoint-2", out / "initial_adapter"))
+    for key, t in trained.items():  # [B, -B0] and [A; A0]
+        other = -initial[key] if key.endswith("lora_B.weight") else initial[key]
+        assert torch.equal(final[key], torch.cat([t, other], dim=int("lora_B" in key))), key
+
+    def base():  # as `peftkit train --method qlora` loads it
+        return peftkit.quant.avoid_cpu_packing_(AutoModelForCausalLM.from_pretrained(
+            model_dir, **peftkit.quant.kbit_load_kwargs("nf4")))
+
+    ids = torch.randint(6, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    for folder in (out, out / "checkpoint-2"):
+        expected = logits(peft.PeftModel.from_pretrained(base(), folder).eval(), ids)
+        got = logits(peftkit.PeftModel.from_pretrained(base(), folder).eval(), ids)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("autocast", [True, False])

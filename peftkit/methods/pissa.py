@@ -14,6 +14,11 @@ and the base becomes the residual W_res = W - s * B @ A, rounded to the base dty
 is unchanged at init up to that rounding. A and B are rounded to the base dtype too (PEFT moves
 the adapter to the base layer's dtype before `autocast_adapter_dtype` upcasts it).
 
+OLoRA also works over a bitsandbytes 4-bit or 8-bit base, as in PEFT: W is the dequantized
+weight, the base is re-quantized from the fp32 W_res with the layer's own settings
+(`quant.requantize_`), so the model at init is off by that re-quantization, and A, B are rounded
+to a 4-bit layer's compute dtype. PiSSA is refused there (PEFT refuses it too).
+
 Because the base is changed, a PiSSA adapter file describes W_res + s * B @ A: loading one
 re-runs the init on the untouched base (exact again for "pissa" and "olora", which are
 deterministic; a different random residual for `pissa_niter_N`). `lora_from_mutated` turns the
@@ -65,15 +70,13 @@ def init_from_base(layer: "LoraLinear", name: str, init: str) -> None:
     weight = base.weight
     if weight.device.type == "meta":  # `peftkit estimate` counts parameters only
         return
-    if quant.kbit_kind(base) is not None:
-        why = ("PEFT refuses PiSSA there too" if init != "olora" else
-               "peftkit does not compute OLoRA on a quantized weight (PEFT 0.21 dequantizes it, "
-               "initialises and requantizes)")
+    kind = quant.kbit_kind(base)
+    if kind is not None and init != "olora":
         raise UserError(
             f"init_lora_weights={init!r} needs a full-precision base, not a bitsandbytes k-bit "
-            f"layer: {why}. Initialise on the fp16/bf16/fp32 model, save the residual model "
-            "(`unload()`), and quantize that instead")
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            "layer: PEFT refuses PiSSA there too. Initialise on the fp16/bf16/fp32 model, save "
+            "the residual model (`unload()`), and quantize that instead")
+    if kind is None and weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UserError(f"init_lora_weights={init!r}: the base weight is {weight.dtype}; "
                         "load the model in float32, float16 or bfloat16")
     if init == "olora" and layer.fan_in_fan_out:
@@ -82,7 +85,7 @@ def init_from_base(layer: "LoraLinear", name: str, init: str) -> None:
             "OLoRA ignores the transposed layout and fails or gives a wrong init there, so its "
             "files would not load in PEFT. Use 'pissa', or target nn.Linear layers")
     r, s = layer.r[name], layer.scaling[name]
-    w = layer.out_in(weight.to(torch.float32))  # (out, in)
+    w = layer.dense_weight().to(torch.float32)  # (out, in); a k-bit weight dequantized
     if r > min(w.shape):
         raise UserError(f"init_lora_weights={init!r}: r={r} exceeds the smaller side "
                         f"{min(w.shape)} of a {tuple(w.shape)} weight; use a smaller r")
@@ -99,21 +102,27 @@ def init_from_base(layer: "LoraLinear", name: str, init: str) -> None:
             sv, vh = sv / s, v.t()
         a = torch.diag(torch.sqrt(sv)) @ vh  # PEFT's expressions, for the same bits
         b = u @ torch.diag(torch.sqrt(sv))
+    # PEFT then casts A, B to the base's float dtype: a 4-bit layer's compute dtype, none for 8-bit
+    dtype = weight.dtype if kind is None else getattr(base, "compute_dtype", None) or torch.float32
     with torch.no_grad():
         _set_residual(layer, b, a, s, w)
-        layer.lora_A[name].weight.copy_(a.to(weight.dtype))
-        layer.lora_B[name].weight.copy_(b.to(weight.dtype))
+        layer.lora_A[name].weight.copy_(a.to(dtype))
+        layer.lora_B[name].weight.copy_(b.to(dtype))
 
 
 def _set_residual(layer: "LoraLinear", b: torch.Tensor, a: torch.Tensor, scaling: float,
                   w: torch.Tensor | None = None) -> None:
     """Replace `layer`'s base weight W by W_res = W - scaling * B @ A, computed in fp32 and
-    rounded to the base dtype, in the base layout. B (out, r), A (r, in); `w`: W as (out, in)
-    fp32, if the caller has it."""
-    weight = layer.base_layer.weight
-    w = layer.out_in(weight.to(torch.float32)) if w is None else w
-    residual = (w - scaling * b.float() @ a.float()).to(weight.dtype)
-    weight.data = layer.out_in(residual).contiguous()
+    rounded to the base dtype, in the base layout; a k-bit base is re-quantized from the fp32
+    W_res with its own settings, as PEFT's OLoRA does. B (out, r), A (r, in); `w`: W as
+    (out, in) fp32 (dequantized), if the caller has it."""
+    base = layer.base_layer
+    w = layer.dense_weight().to(torch.float32) if w is None else w
+    residual = w - scaling * b.float() @ a.float()
+    if quant.kbit_kind(base) is not None:
+        quant.requantize_(base, residual, dtype=torch.float32)
+    else:
+        base.weight.data = layer.out_in(residual.to(base.weight.dtype)).contiguous()
 
 
 def check_convertible(config: "LoraConfig") -> None:
