@@ -342,3 +342,21 @@ def test_dora_and_loraplus_flags(model_dir, data, tmp_path, capsys, monkeypatch)
     assert isinstance(optimizer, torch.optim.AdamW)
     # the scheduler has moved "lr"; it keeps each group's own rate as "initial_lr"
     assert [g["initial_lr"] for g in optimizer.param_groups] == [1e-2, 1e-6, 1e-2 * 16, 1e-2 * 16]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or torch.cuda.is_available(),
+                    reason="the CPU figure reads Linux's /proc")
+def test_peak_memory_starts_from_live_memory():
+    """Buffers freed before `start()`, as loading a 4-bit base frees its fp32 weights, are not
+    counted in the level at start (else training reuses them unseen, and the two figures split one
+    amount differently from run to run): glibc's free heap pages go back to the OS first."""
+    from peftkit.train.run import PeakMemory, _status_mb
+
+    freed = [bytearray(100_000) for _ in range(2000)]  # 200 MB of heap chunks (below mmap's size)
+    pin = bytearray(100_000)  # allocated above them, so glibc cannot trim the heap's top itself
+    rss = _status_mb("VmRSS")
+    del freed
+    memory = PeakMemory()
+    memory.start()
+    assert rss - memory.at_start > 150
+    del pin

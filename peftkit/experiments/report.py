@@ -125,8 +125,9 @@ def markdown(summaries: list[dict], setup: Setup, reference_label: str | None,
         "mean as a share of the reference method's" + (f" (`{reference_label}`)." if ref
                                                        else " (no reference method)."),
         f"Peak training memory: {', '.join(kinds) or 'n/a'}. Memory before training: the "
-        "process with its model loaded (CPU: RSS; CUDA: allocated). Training time: wall clock of "
-        "`trainer.train()`. Exact match: greedy answers on the test split.",
+        "process with its model loaded (CPU: RSS after freed heap pages go back to the OS; CUDA: "
+        "allocated). Training time: wall clock of `trainer.train()`. Exact match: greedy answers "
+        "on the test split.",
         "Forgetting: mean per-token KL(untouched || trained), in nats, on the untouched model's "
         "own greedy answers to general questions (`peftkit/train/general_questions.json`); "
         "0 = no drift.",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import random
@@ -178,16 +179,28 @@ def _status_mb(field: str) -> float | None:
         return None
 
 
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
+    Loading can free large buffers that glibc keeps resident (a 4-bit base quantized from fp32
+    weights): without this the resident set at `PeakMemory.start` counts them, and training reuses
+    them unseen, so the two figures split one amount differently from run to run."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of the process from `start()` on, and its level at `start()`: CUDA allocated
-    bytes when on GPU, else the resident set (Linux VmRSS; the high-water mark VmHWM is reset
-    through /proc/self/clear_refs)."""
+    bytes when on GPU, else the resident set (Linux VmRSS, after returning the heap's free pages
+    to the OS; the high-water mark VmHWM is reset through /proc/self/clear_refs)."""
 
     def start(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             self.at_start = torch.cuda.memory_allocated() / 2**20
             return
+        _release_free_heap()
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
