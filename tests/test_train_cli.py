@@ -352,11 +352,13 @@ def test_peak_memory_starts_from_live_memory():
     amount differently from run to run): glibc's free heap pages go back to the OS first."""
     from peftkit.train.run import PeakMemory, _status_mb
 
-    freed = [bytearray(100_000) for _ in range(2000)]  # 200 MB of heap chunks (below mmap's size)
-    pin = bytearray(100_000)  # allocated above them, so glibc cannot trim the heap's top itself
-    rss = _status_mb("VmRSS")
-    del freed
+    # 200 MB of heap chunks (below mmap's threshold), each followed by a small live one (above
+    # pymalloc's 512 bytes), so that freeing them leaves holes glibc does not trim by itself
+    chunks = [(bytearray(100_000), bytearray(1_000)) for _ in range(2000)]
+    pins = [pin for _, pin in chunks]
+    del chunks
+    freed = _status_mb("VmRSS")
     memory = PeakMemory()
     memory.start()
-    assert rss - memory.at_start > 150
-    del pin
+    assert freed - memory.at_start > 150
+    del pins
