@@ -16,6 +16,8 @@ from ..methods import registry
 from . import variants
 from .runs import Setup
 
+MAX_SEED_COUNT = 10  # a larger count is a list: "1,2,...,12"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for results, tables, plots and runs")
@@ -32,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--grad-accum", type=int, default=1, help="accumulation steps (default: 1)")
     b.add_argument("--max-length", type=int, default=256, help="tokens per row (default: 256)")
     b.add_argument("--seeds", type=seed_list, default=[1], metavar="N|S1,S2,...",
-                   help="train every method once per seed: N (up to 10) means seeds 1..N, a list "
-                        "names them, one seed is S, (trailing comma; default: 1); results give "
-                        "each method's mean and 95%% interval")
+                   help=f"train every method once per seed: N (up to {MAX_SEED_COUNT}) means seeds "
+                        "1..N, a list names them, one seed is S, (trailing comma; default: 1); "
+                        "results give each method's mean and 95%% interval")
     b.add_argument("--max-new-tokens", type=int,
                    help="answer length at evaluation (default: the task's, 64 for --data)")
     o = p.add_argument_group("per-method settings")
@@ -68,9 +70,6 @@ def setup(args: argparse.Namespace) -> Setup:
                               args.n_train, args.n_test)
     return Setup(train, test, task.name, _digest(train, test), **budget,
                  max_new_tokens=args.max_new_tokens or task.max_new_tokens)
-
-
-MAX_SEED_COUNT = 10  # a larger count is a list: "1,2,...,12"
 
 
 def seed_list(text: str) -> list[int]:
